@@ -1,0 +1,31 @@
+# Two entry points, each doing its own set-up on a fresh machine:
+#   make demo   - the main job end to end on this machine
+#   make test   - the test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO_DIR ?= build/demo
+
+.PHONY: venv demo test clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# open_clip_torch is installed without its dependencies only for the CLIP BPE merges
+	# file it ships (bpe_simple_vocab_16e6.txt.gz) and CLIP's reference tokenizer used
+	# by the tests; the engine never imports it.
+	$(BIN)/python -m pip install -q --no-deps open_clip_torch==3.3.0
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+demo: $(STAMP)
+	$(BIN)/python -m engine.demo --workdir $(DEMO_DIR)
+
+clean:
+	rm -rf build .pytest_cache

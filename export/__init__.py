@@ -1,0 +1,1 @@
+"""Checkpoint -> ONNX -> (TensorRT) -> Triton model repository."""

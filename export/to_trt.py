@@ -1,0 +1,132 @@
+"""python export/to_trt.py CKPT [--out DIR] [--vocab FILE] [--precision fp32|fp16]
+                          [--max-batch N] [--runtime auto|tensorrt|onnxruntime] [--activation ...]
+
+Checkpoint -> ONNX (both towers) -> validated against PyTorch on ONNX Runtime, figures
+printed.  Steps that belong to later stages (TensorRT plans, the Triton model repository)
+are reported as not run.  Anything wrong ends with one sentence on stderr and a non-zero
+exit: 2 for bad input (checkpoint, vocabulary, flags), 1 for a failed numerics gate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.checkpoint import load_checkpoint  # noqa: E402
+from engine.errors import FilipError, ValidationError  # noqa: E402
+from engine.tokenizer import ClipTokenizer, find_clip_merges_file  # noqa: E402
+from export.to_onnx import DEFAULT_OPSET, export_tower, validate_tower  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python export/to_trt.py", description=__doc__.split("\n\n")[1])
+    p.add_argument("checkpoint", type=Path, help="native, OpenCLIP/OpenAI CLIP or DeCLIP FILIP checkpoint (.pt)")
+    p.add_argument("--out", type=Path, default=Path("triton_models"), help="output directory (default: triton_models)")
+    p.add_argument("--vocab", type=Path, default=None,
+                   help="CLIP BPE merges file (bpe_simple_vocab_16e6.txt[.gz]) or a Hugging Face tokenizer.json; "
+                        "default: the checkpoint's own, else the one shipped in installed packages")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                   help="TensorRT engine precision (ONNX artifacts are always fp32)")
+    p.add_argument("--max-batch", type=int, default=64, help="largest batch the engines accept (default 64)")
+    p.add_argument("--runtime", choices=["auto", "tensorrt", "onnxruntime"], default="auto",
+                   help="auto: TensorRT when TensorRT and an NVIDIA GPU are present, else ONNX Runtime")
+    p.add_argument("--activation", choices=["quick_gelu", "gelu"], default=None,
+                   help="MLP activation of a foreign (OpenCLIP/DeCLIP) state dict: quick_gelu (OpenAI CLIP, DeCLIP; "
+                        "the default) or gelu (OpenCLIP's LAION models); native checkpoints carry their own")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= 17, default {DEFAULT_OPSET})")
+    return p
+
+
+def tensorrt_available() -> tuple[bool, str]:
+    """Whether a TensorRT build can run here, and if not, why."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False, "the tensorrt Python package is not installed"
+    import torch
+    if not torch.cuda.is_available():
+        return False, "no NVIDIA GPU is visible"
+    return True, ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ValidationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except FilipError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    if args.max_batch < 1:
+        raise FilipError(f"--max-batch must be at least 1, got {args.max_batch}")
+    trt_ok, trt_why = tensorrt_available()
+    if args.runtime == "tensorrt":
+        if not trt_ok:
+            raise FilipError(f"--runtime tensorrt was requested but {trt_why}; use --runtime onnxruntime or auto")
+        raise FilipError("--runtime tensorrt: the TensorRT build stage is not implemented yet; use --runtime onnxruntime")
+
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(args.checkpoint, activation=args.activation)
+    cfg = ckpt.config
+    print(f"[1/4] loaded {ckpt.path} ({ckpt.layout} layout): image {cfg.vision.image_size}px/{cfg.vision.patch_size} "
+          f"w{cfg.vision.width}x{cfg.vision.layers}, text ctx {cfg.text.context_length} w{cfg.text.width}x{cfg.text.layers}, "
+          f"tokens D={cfg.token_dim} ({cfg.token_head} head), pooled D={cfg.embed_dim}, {cfg.activation}")
+
+    if args.vocab is not None:
+        tok = ClipTokenizer.from_file(args.vocab, vocab_size=cfg.text.vocab_size, context_length=cfg.text.context_length)
+        source = str(args.vocab)
+    elif ckpt.vocab_text is not None:
+        tok = ClipTokenizer.from_merges_text(ckpt.vocab_text, vocab_size=cfg.text.vocab_size,
+                                             context_length=cfg.text.context_length)
+        source = "the checkpoint"
+    else:
+        path = find_clip_merges_file()
+        tok = ClipTokenizer.from_file(path, vocab_size=cfg.text.vocab_size, context_length=cfg.text.context_length)
+        source = str(path)
+    if tok.vocab_size != cfg.text.vocab_size:
+        raise FilipError(f"the vocabulary from {source} has {tok.vocab_size} entries but the checkpoint's "
+                         f"token_embedding has {cfg.text.vocab_size}")
+    out = args.out / "onnx"
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(out / "tokenizer.json")
+    (out / "filip_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    print(f"[2/4] tokenizer from {source}: {tok.vocab_size} entries, SOT={tok.sot_token_id} EOT={tok.eot_token_id} "
+          f"-> {out / 'tokenizer.json'}")
+
+    paths = {}
+    for tower in ("image", "text"):
+        t = time.perf_counter()
+        paths[tower] = export_tower(ckpt.model, tower, out / f"{tower}.onnx", opset=args.opset, max_batch=args.max_batch)
+        print(f"[3/4] exported {tower} tower -> {paths[tower]} (opset {args.opset}, {time.perf_counter() - t:.1f} s)")
+
+    print("[4/4] ONNX Runtime (CPU) vs PyTorch, fp32:")
+    results = []
+    for tower in ("image", "text"):
+        for r in validate_tower(ckpt.model, paths[tower], tower):
+            print("  " + r.summary().replace("\n", "\n  "))
+            results.append(r)
+    for r in results:
+        r.raise_if_failed()
+    print("      all numerics gates passed")
+
+    if trt_ok:
+        print(f"TensorRT engines ({args.precision}): skipped (the TensorRT build stage is not implemented yet)")
+    else:
+        print(f"TensorRT engines: skipped ({trt_why or '--runtime onnxruntime'}); ONNX Runtime serves the encoders")
+    print(f"Triton model repository: not written yet (serving stage not implemented); ONNX artifacts are in {out}")
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
