@@ -6,6 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= build/demo
+DEMO_PRESET ?= ViT-B-32
+DEMO_CKPT := $(DEMO_DIR)/filip-$(DEMO_PRESET).pt
 
 .PHONY: venv demo test clean
 
@@ -25,7 +27,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra
 
 demo: $(STAMP)
-	$(BIN)/python -m engine.demo --workdir $(DEMO_DIR)
+	test -f $(DEMO_CKPT) || $(BIN)/python -m engine.checkpoint init --preset $(DEMO_PRESET) --out $(DEMO_CKPT)
+	$(BIN)/python export/to_trt.py $(DEMO_CKPT) --out $(DEMO_DIR)/triton_models
+	$(BIN)/python -m engine.demo --export-dir $(DEMO_DIR)/triton_models/onnx --checkpoint $(DEMO_CKPT)
 
 clean:
 	rm -rf build .pytest_cache

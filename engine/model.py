@@ -169,6 +169,10 @@ class FilipModel(nn.Module):
             normal_(self.image_mapping.weight, vw ** -0.5)
             normal_(self.text_mapping.weight, t.width ** -0.5)
 
+    def similarity_scale(self) -> float:
+        """exp(logit_scale), capped at 100 as CLIP does: multiplies similarities before a softmax."""
+        return float(self.logit_scale.detach().exp().clamp(max=100).item())
+
     # --- image tower --------------------------------------------------------------------
     def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """pixels [B, 3, S, S] float -> (tokens [B, n_patches, token_dim], pooled [B, embed_dim])."""

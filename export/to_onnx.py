@@ -2,7 +2,7 @@
 
 Names, dtypes and dynamic axes come from :mod:`engine.io_spec`; every numerics check goes
 through :func:`engine.compare.compare_outputs`.  The exporter is torch's ``torch.export``
-based one (opset 17+, so LayerNormalization stays a single op), with a dynamic batch and,
+based one (opset 18+, so LayerNormalization stays a single op), with a dynamic batch and,
 for the text tower, a dynamic sequence length.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -24,7 +25,10 @@ from engine.io_spec import FP32_TOLERANCE, Dim, Tolerance, TowerSpec, tower_spec
 from engine.model import FilipModel, ImageTower, TextTower
 from engine.runtime import OnnxRuntime, TorchRuntime
 
-DEFAULT_OPSET = 17
+# torch 2.13's exporter implements opset 18 and newer (LayerNormalization, one op since 17,
+# stays one op); asking it for 17 makes it try, and fail, to down-convert.
+DEFAULT_OPSET = 18
+MIN_OPSET = 18
 _EXTERNAL_DATA_BYTES = 1_500_000_000  # protobuf's 2 GB limit, with margin
 
 
@@ -49,8 +53,8 @@ def _example_inputs(cfg: FilipConfig, spec: TowerSpec, batch: int, seq: int, see
 def export_tower(model: FilipModel, tower: str, path: str | Path, *, opset: int = DEFAULT_OPSET,
                  max_batch: int = 1024) -> Path:
     """Export one tower to ``path``; returns the path.  Raises ExportError with the cause."""
-    if opset < 17:
-        raise ExportError(f"opset {opset} is too old: 17 or newer keeps LayerNormalization one op")
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} is not supported: torch's exporter writes opset {MIN_OPSET} or newer")
     cfg = model.config
     spec = tower_spec(cfg, tower, max_batch)
     path = Path(path)
@@ -68,18 +72,33 @@ def export_tower(model: FilipModel, tower: str, path: str | Path, *, opset: int 
     log = io.StringIO()
     try:
         # The exporter narrates its progress on stdout; keep it for the error message only.
-        with contextlib.redirect_stdout(log), warnings.catch_warnings():
+        with contextlib.redirect_stdout(log), warnings.catch_warnings(), _quiet_torch_logs():
             warnings.simplefilter("ignore")
             torch.onnx.export(module, args, str(path), input_names=spec.input_names,
                               output_names=spec.output_names, opset_version=opset, dynamo=True,
                               dynamic_shapes=dynamic_shapes, external_data=n_bytes > _EXTERNAL_DATA_BYTES)
         proto = onnx.load(str(path), load_external_data=False)
-        _stamp_metadata(proto, cfg, tower, opset)
+        written = {o.domain: o.version for o in proto.opset_import}.get("", 0)
+        if written < MIN_OPSET:
+            raise ExportError(f"the exporter wrote opset {written}, expected >= {MIN_OPSET}")
+        _stamp_metadata(proto, cfg, tower, written)
         onnx.save(proto, str(path))
         onnx.checker.check_model(str(path))
     except Exception as e:
         raise ExportError(f"exporting the {tower} tower to {path} failed: {type(e).__name__}: {e}\n{log.getvalue()[-2000:]}") from e
     return path
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """The exporter logs notes (e.g. torchvision ops it skips) at WARNING; errors still raise."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _stamp_metadata(proto: onnx.ModelProto, cfg: FilipConfig, tower: str, opset: int) -> None:

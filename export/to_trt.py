@@ -9,7 +9,6 @@ exit: 2 for bad input (checkpoint, vocabulary, flags), 1 for a failed numerics g
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -17,10 +16,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine.artifacts import write_manifest  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.errors import FilipError, ValidationError  # noqa: E402
 from engine.tokenizer import ClipTokenizer, find_clip_merges_file  # noqa: E402
-from export.to_onnx import DEFAULT_OPSET, export_tower, validate_tower  # noqa: E402
+from export.to_onnx import DEFAULT_OPSET, MIN_OPSET, export_tower, validate_tower  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", choices=["quick_gelu", "gelu"], default=None,
                    help="MLP activation of a foreign (OpenCLIP/DeCLIP) state dict: quick_gelu (OpenAI CLIP, DeCLIP; "
                         "the default) or gelu (OpenCLIP's LAION models); native checkpoints carry their own")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= 17, default {DEFAULT_OPSET})")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= {MIN_OPSET}, default {DEFAULT_OPSET})")
     return p
 
 
@@ -99,7 +99,8 @@ def _run(args) -> int:
     out = args.out / "onnx"
     out.mkdir(parents=True, exist_ok=True)
     tok.save(out / "tokenizer.json")
-    (out / "filip_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+    write_manifest(out, cfg, logit_scale=ckpt.model.similarity_scale(), layout=ckpt.layout, source=str(ckpt.path),
+                   extra={"opset": args.opset, "max_batch": args.max_batch})
     print(f"[2/4] tokenizer from {source}: {tok.vocab_size} entries, SOT={tok.sot_token_id} EOT={tok.eot_token_id} "
           f"-> {out / 'tokenizer.json'}")
 

@@ -1,0 +1,132 @@
+"""In-process FILIP: tokenizer + image transform + both towers on one runtime + scoring.
+
+This is what the Triton adapters and the benchmark's in-process side call; it returns the
+same typed :class:`Embeddings` as the client library.
+
+    pipe = FilipPipeline.from_export_dir("triton_models/onnx")        # ONNX Runtime
+    pipe = FilipPipeline.from_checkpoint("ckpt.pt")                    # PyTorch reference
+    img = pipe.embed_images(["cat.jpg", pil_image, uint8_array, jpeg_bytes])
+    txt = pipe.embed_texts(["a photo of a cat", "a dog"])
+    pipe.score(img, txt)                      # s_I [n_img, n_txt]; direction="t2i" for s_T
+    pipe.classify(img, ["cat", "dog"])        # zero-shot, prompt ensemble
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .artifacts import read_manifest
+from .checkpoint import load_checkpoint
+from .config import FilipConfig
+from .errors import InvalidInputError
+from .interaction import DEFAULT_TEMPLATES, alignment_map, build_prompts, late_interaction, zero_shot_scores
+from .io_spec import tower_spec
+from .preprocess import ImageInput, ImageTransform
+from .runtime import OnnxRuntime, Runtime, TorchRuntime
+from .tokenizer import ClipTokenizer, find_clip_merges_file
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """tokens float32 [N, T, D] (zero past each row's length), lengths int32 [N],
+    pooled float32 [N, E] (L2-normalised projected CLS / EOT)."""
+    tokens: np.ndarray
+    lengths: np.ndarray
+    pooled: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+
+def _concat(parts: list[Embeddings]) -> Embeddings:
+    """Concatenate batches whose token axes may differ (texts padded per batch)."""
+    t = max(p.tokens.shape[1] for p in parts)
+    tokens = np.concatenate([np.pad(p.tokens, ((0, 0), (0, t - p.tokens.shape[1]), (0, 0))) for p in parts])
+    return Embeddings(tokens, np.concatenate([p.lengths for p in parts]), np.concatenate([p.pooled for p in parts]))
+
+
+class FilipPipeline:
+    def __init__(self, config: FilipConfig, tokenizer: ClipTokenizer, image_runtime: Runtime,
+                 text_runtime: Runtime, *, logit_scale: float = 100.0):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.transform = ImageTransform(config.vision.image_size)
+        self.image_runtime = image_runtime
+        self.text_runtime = text_runtime
+        self.logit_scale = logit_scale
+
+    # --- construction --------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, *, vocab: str | Path | None = None, device: str = "cpu",
+                        activation: str | None = None) -> "FilipPipeline":
+        ck = load_checkpoint(path, activation=activation)
+        cfg = ck.config
+        if vocab is not None:
+            tok = ClipTokenizer.from_file(vocab, vocab_size=cfg.text.vocab_size, context_length=cfg.text.context_length)
+        elif ck.vocab_text is not None:
+            tok = ClipTokenizer.from_merges_text(ck.vocab_text, vocab_size=cfg.text.vocab_size,
+                                                 context_length=cfg.text.context_length)
+        else:
+            tok = ClipTokenizer.from_file(find_clip_merges_file(), vocab_size=cfg.text.vocab_size,
+                                          context_length=cfg.text.context_length)
+        scale = ck.model.similarity_scale()
+        return cls(cfg, tok, TorchRuntime(ck.model, tower_spec(cfg, "image"), device),
+                   TorchRuntime(ck.model, tower_spec(cfg, "text"), device), logit_scale=scale)
+
+    @classmethod
+    def from_export_dir(cls, directory: str | Path, *, intra_op_threads: int | None = None) -> "FilipPipeline":
+        """Load what ``export/to_trt.py`` wrote: filip_config.json, tokenizer.json, image/text.onnx."""
+        d = Path(directory)
+        cfg, manifest = read_manifest(d)
+        tok = ClipTokenizer.from_file(d / "tokenizer.json", vocab_size=cfg.text.vocab_size,
+                                      context_length=cfg.text.context_length)
+        img = OnnxRuntime(d / "image.onnx", tower_spec(cfg, "image"), intra_op_threads=intra_op_threads)
+        txt = OnnxRuntime(d / "text.onnx", tower_spec(cfg, "text"), intra_op_threads=intra_op_threads)
+        return cls(cfg, tok, img, txt, logit_scale=float(manifest["logit_scale"]))
+
+    # --- embedding -----------------------------------------------------------------------
+    def embed_images(self, images: Sequence[ImageInput], *, batch_size: int = 16) -> Embeddings:
+        if isinstance(images, (str, bytes, np.ndarray)) or not isinstance(images, Sequence) or not images:
+            raise InvalidInputError("embed_images expects a non-empty list of images")
+        parts = []
+        for i in range(0, len(images), batch_size):
+            pixels = self.transform.batch(images[i:i + batch_size])
+            out = self.image_runtime.infer({"pixel_values": pixels})
+            n, p = out["tokens"].shape[:2]
+            parts.append(Embeddings(out["tokens"], np.full(n, p, np.int32), out["pooled"]))
+        return _concat(parts)
+
+    def embed_texts(self, texts: Sequence[str], *, batch_size: int = 64) -> Embeddings:
+        if isinstance(texts, str) or not isinstance(texts, Sequence) or not texts:
+            raise InvalidInputError("embed_texts expects a non-empty list of strings")
+        parts = []
+        for i in range(0, len(texts), batch_size):
+            batch = self.tokenizer(list(texts[i:i + batch_size]), pad_to="longest")
+            out = self.text_runtime.infer({"input_ids": batch.ids, "lengths": batch.lengths.astype(np.int64)})
+            parts.append(Embeddings(out["tokens"], batch.lengths.astype(np.int32), out["pooled"]))
+        return _concat(parts)
+
+    # --- scoring -------------------------------------------------------------------------
+    @staticmethod
+    def score(images: Embeddings, texts: Embeddings, *, direction: str = "i2t") -> np.ndarray:
+        """[n_img, n_txt]: s_I (``direction="i2t"``, rank texts for an image) or s_T ("t2i")."""
+        if direction not in ("i2t", "t2i"):
+            raise InvalidInputError(f"direction must be 'i2t' or 't2i', got {direction!r}")
+        s = late_interaction(images.tokens, images.lengths, texts.tokens, texts.lengths)
+        return s.s_i if direction == "i2t" else s.s_t
+
+    def classify(self, images: Embeddings, labels: Sequence[str], *, templates: Sequence[str] = DEFAULT_TEMPLATES,
+                 mode: str = "mean") -> np.ndarray:
+        """Zero-shot scores [n_img, n_labels]: the mean over templates of s_I (or of softmax probabilities)."""
+        prompts = self.embed_texts(build_prompts(labels, templates))
+        return zero_shot_scores(images.tokens, images.lengths, prompts.tokens, prompts.lengths,
+                                n_classes=len(labels), n_templates=len(templates), mode=mode,
+                                logit_scale=self.logit_scale)
+
+    def alignment(self, images: Embeddings, texts: Embeddings, i: int = 0, j: int = 0) -> np.ndarray:
+        """Word-patch alignment of image i and text j on the patch grid: index of each patch's best token."""
+        g = self.config.vision.grid
+        return alignment_map(images.tokens[i], int(images.lengths[i]), texts.tokens[j], int(texts.lengths[j]), grid=(g, g))
