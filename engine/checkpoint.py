@@ -66,7 +66,22 @@ def _read(path: Path):
             f"({', '.join(sorted(set(found)))}); save a plain state dict (tensors, numbers, strings) instead"
         ) from e
     except Exception as e:  # zip/pickle/format errors from torch.load
+        if _is_torchscript(path):
+            raise CheckpointError(
+                f"{path}: this is a TorchScript archive (like OpenAI's original CLIP .pt files), which is not "
+                f"loaded because it carries code; convert it once with "
+                f"torch.save(torch.jit.load(path, map_location='cpu').state_dict(), 'state_dict.pt')"
+            ) from e
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _is_torchscript(path: Path) -> bool:
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.split("/", 2)[1:2] == ["code"] for n in z.namelist())
+    except (zipfile.BadZipFile, OSError, IndexError):
+        return False
 
 
 def _find_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:

@@ -200,6 +200,15 @@ def test_malformed_checkpoints(tmp_path, case, expect):
         assert str(path) in msg, msg
 
 
+def test_torchscript_archive_gets_a_hint(tmp_path):
+    class Tiny(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+    torch.jit.save(torch.jit.script(Tiny()), tmp_path / "jit.pt")
+    with pytest.raises(CheckpointError, match="TorchScript archive"):
+        load_checkpoint(tmp_path / "jit.pt")
+
+
 def test_code_execution_never_happens(tmp_path, capfd):
     torch.save({"x": _Evil()}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match="refused"):

@@ -124,3 +124,19 @@ def test_compare_helper_catches_errors():
     assert missing.outputs[1].failures == ("missing from candidate",)
     nan = compare_outputs(ref, {"tokens": ref["tokens"] * np.nan, "pooled": ref["pooled"]}, FP32_TOLERANCE)
     assert not nan.passed
+
+
+@pytest.mark.gpu
+def test_torch_cuda_matches_cpu():
+    """The PyTorch reference on CUDA (TF32 off) agrees with the CPU run under the fp32 gates."""
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cfg = PRESETS["tiny"]
+    model = random_model(cfg, seed=1)
+    spec = tower_spec(cfg, "image")
+    feeds = {"pixel_values": np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)}
+    cpu = TorchRuntime(random_model(cfg, seed=1), spec).infer(feeds)
+    with TorchRuntime(model, spec, device="cuda") as gpu:
+        r = compare_outputs(cpu, gpu.infer(feeds), FP32_TOLERANCE, "torch cuda vs cpu")
+    assert r.passed, r.summary()
