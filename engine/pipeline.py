@@ -93,7 +93,7 @@ class FilipPipeline:
             raise InvalidInputError("embed_images expects a non-empty list of images")
         parts = []
         for i in range(0, len(images), batch_size):
-            pixels = self.transform.batch(images[i:i + batch_size])
+            pixels = self.transform.batch(images[i:i + batch_size], start=i)
             out = self.image_runtime.infer({"pixel_values": pixels})
             n, p = out["tokens"].shape[:2]
             parts.append(Embeddings(out["tokens"], np.full(n, p, np.int32), out["pooled"]))

@@ -412,8 +412,9 @@ class ImageTransform:
         """One image (any :data:`ImageInput`) -> float32 [3, S, S]."""
         return self.from_rgb(load_image(src, max_pixels=self.max_pixels, max_bytes=self.max_bytes))
 
-    def batch(self, srcs: Sequence[ImageInput]) -> np.ndarray:
-        """Images -> float32 [N, 3, S, S]. Every item is tried; the error lists each bad index."""
+    def batch(self, srcs: Sequence[ImageInput], *, start: int = 0) -> np.ndarray:
+        """Images -> float32 [N, 3, S, S]. Every item is tried; the error lists each bad index
+        (numbered from ``start``, for callers that feed a long list in slices)."""
         if isinstance(srcs, (str, bytes, bytearray, memoryview, os.PathLike, Image.Image)) or (
                 isinstance(srcs, np.ndarray) and srcs.ndim != 4):
             raise ImageDecodeError(f"batch expects a sequence of images, got a single {type(srcs).__name__}; "
@@ -429,10 +430,10 @@ class ImageTransform:
                 failures.append((i, e))
         if len(failures) == 1:
             i, e = failures[0]
-            raise ImageDecodeError(f"image {i} of a batch of {len(items)} could not be read: {e}") from e
+            raise ImageDecodeError(f"image {i + start} could not be read: {e}") from e
         if failures:
-            detail = "; ".join(f"image {i}: {e}" for i, e in failures)
-            raise ImageDecodeError(f"{len(failures)} of a batch of {len(items)} images could not be read: "
+            detail = "; ".join(f"image {i + start}: {e}" for i, e in failures)
+            raise ImageDecodeError(f"{len(failures)} of {len(items)} images could not be read: "
                                    f"{detail}") from failures[0][1]
         return out
 

@@ -493,10 +493,12 @@ def test_batch_matches_single_images(small, tmp_path):
 def test_batch_error_names_the_bad_indices(small):
     good = encode(small, "JPEG")
     t = ImageTransform(32)
-    one_bad = r"image 2 of a batch of 4 could not be read: encoded image \(4 bytes\) is not"
+    one_bad = r"image 2 could not be read: encoded image \(4 bytes\) is not"
     with pytest.raises(ImageDecodeError, match=one_bad):
         t.batch([good, small, b"junk", good])
-    with pytest.raises(ImageDecodeError, match=r"2 of a batch of 3 images.*image 0: .*image 2: numpy image has dtype"):
+    with pytest.raises(ImageDecodeError, match=r"image 12 could not be read"):   # numbered from start
+        t.batch([good, small, b"junk", good], start=10)
+    with pytest.raises(ImageDecodeError, match=r"2 of 3 images.*image 0: .*image 2: numpy image has dtype"):
         t.batch([b"", good, np.zeros((4, 4), np.float64)])
     with pytest.raises(ImageDecodeError, match="single bytes"):
         t.batch(good)
