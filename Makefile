@@ -29,7 +29,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	test -f $(DEMO_CKPT) || $(BIN)/python -m engine.checkpoint init --preset $(DEMO_PRESET) --out $(DEMO_CKPT)
 	$(BIN)/python export/to_trt.py $(DEMO_CKPT) --out $(DEMO_DIR)/triton_models
-	$(BIN)/python -m engine.demo --export-dir $(DEMO_DIR)/triton_models/onnx --checkpoint $(DEMO_CKPT)
+	$(BIN)/python -m client.demo --repository $(DEMO_DIR)/triton_models --checkpoint $(DEMO_CKPT)
 
 clean:
 	rm -rf build .pytest_cache

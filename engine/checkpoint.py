@@ -56,6 +56,11 @@ class LoadedCheckpoint:
 def _read(path: Path):
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
+    if _is_torchscript(path):  # checked first: torch.load would hand these to torch.jit.load
+        raise CheckpointError(
+            f"{path}: this is a TorchScript archive (like OpenAI's original CLIP .pt files), which is not "
+            f"loaded because it carries code; convert it once with "
+            f"torch.save(torch.jit.load(path, map_location='cpu').state_dict(), 'state_dict.pt')")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -66,12 +71,6 @@ def _read(path: Path):
             f"({', '.join(sorted(set(found)))}); save a plain state dict (tensors, numbers, strings) instead"
         ) from e
     except Exception as e:  # zip/pickle/format errors from torch.load
-        if _is_torchscript(path):
-            raise CheckpointError(
-                f"{path}: this is a TorchScript archive (like OpenAI's original CLIP .pt files), which is not "
-                f"loaded because it carries code; convert it once with "
-                f"torch.save(torch.jit.load(path, map_location='cpu').state_dict(), 'state_dict.pt')"
-            ) from e
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
 
 

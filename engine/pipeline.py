@@ -3,7 +3,7 @@
 This is what the Triton adapters and the benchmark's in-process side call; it returns the
 same typed :class:`Embeddings` as the client library.
 
-    pipe = FilipPipeline.from_export_dir("triton_models/onnx")        # ONNX Runtime
+    pipe = FilipPipeline.from_repository("triton_models")             # ONNX Runtime
     pipe = FilipPipeline.from_checkpoint("ckpt.pt")                    # PyTorch reference
     img = pipe.embed_images(["cat.jpg", pil_image, uint8_array, jpeg_bytes])
     txt = pipe.embed_texts(["a photo of a cat", "a dog"])
@@ -21,7 +21,7 @@ import numpy as np
 from .artifacts import read_manifest
 from .checkpoint import load_checkpoint
 from .config import FilipConfig
-from .errors import InvalidInputError
+from .errors import InvalidInputError, TokenizerError
 from .interaction import DEFAULT_TEMPLATES, alignment_map, build_prompts, late_interaction, zero_shot_scores
 from .io_spec import tower_spec
 from .preprocess import ImageInput, ImageTransform
@@ -48,6 +48,25 @@ def _concat(parts: list[Embeddings]) -> Embeddings:
     return Embeddings(tokens, np.concatenate([p.lengths for p in parts]), np.concatenate([p.pooled for p in parts]))
 
 
+def load_tokenizer(cfg: FilipConfig, *, vocab: str | Path | None = None,
+                   embedded: str | None = None) -> tuple[ClipTokenizer, str]:
+    """The tokenizer for a model: ``vocab`` (a merges file or tokenizer.json) if given, else the
+    merges text a native checkpoint carries, else the CLIP merges file shipped in installed
+    packages.  Returns it with a description of its source; the vocabulary size must match."""
+    kw = dict(vocab_size=cfg.text.vocab_size, context_length=cfg.text.context_length)
+    if vocab is not None:
+        tok, source = ClipTokenizer.from_file(vocab, **kw), str(vocab)
+    elif embedded is not None:
+        tok, source = ClipTokenizer.from_merges_text(embedded, **kw), "the checkpoint"
+    else:
+        path = find_clip_merges_file()
+        tok, source = ClipTokenizer.from_file(path, **kw), str(path)
+    if tok.vocab_size != cfg.text.vocab_size:
+        raise TokenizerError(f"the vocabulary from {source} has {tok.vocab_size} entries but the model's "
+                             f"token_embedding has {cfg.text.vocab_size}")
+    return tok, source
+
+
 class FilipPipeline:
     def __init__(self, config: FilipConfig, tokenizer: ClipTokenizer, image_runtime: Runtime,
                  text_runtime: Runtime, *, logit_scale: float = 100.0):
@@ -64,27 +83,21 @@ class FilipPipeline:
                         activation: str | None = None) -> "FilipPipeline":
         ck = load_checkpoint(path, activation=activation)
         cfg = ck.config
-        if vocab is not None:
-            tok = ClipTokenizer.from_file(vocab, vocab_size=cfg.text.vocab_size, context_length=cfg.text.context_length)
-        elif ck.vocab_text is not None:
-            tok = ClipTokenizer.from_merges_text(ck.vocab_text, vocab_size=cfg.text.vocab_size,
-                                                 context_length=cfg.text.context_length)
-        else:
-            tok = ClipTokenizer.from_file(find_clip_merges_file(), vocab_size=cfg.text.vocab_size,
-                                          context_length=cfg.text.context_length)
+        tok, _ = load_tokenizer(cfg, vocab=vocab, embedded=ck.vocab_text)
         scale = ck.model.similarity_scale()
         return cls(cfg, tok, TorchRuntime(ck.model, tower_spec(cfg, "image"), device),
                    TorchRuntime(ck.model, tower_spec(cfg, "text"), device), logit_scale=scale)
 
     @classmethod
-    def from_export_dir(cls, directory: str | Path, *, intra_op_threads: int | None = None) -> "FilipPipeline":
-        """Load what ``export/to_trt.py`` wrote: filip_config.json, tokenizer.json, image/text.onnx."""
-        d = Path(directory)
-        cfg, manifest = read_manifest(d)
-        tok = ClipTokenizer.from_file(d / "tokenizer.json", vocab_size=cfg.text.vocab_size,
+    def from_repository(cls, repo: str | Path, *, intra_op_threads: int | None = None) -> "FilipPipeline":
+        """Load the encoders of a model repository written by ``export/to_trt.py``
+        (``filip_text/1``: text.onnx, tokenizer.json; ``filip_image/1``: image.onnx)."""
+        text_dir, image_dir = Path(repo) / "filip_text" / "1", Path(repo) / "filip_image" / "1"
+        cfg, manifest = read_manifest(text_dir)
+        tok = ClipTokenizer.from_file(text_dir / "tokenizer.json", vocab_size=cfg.text.vocab_size,
                                       context_length=cfg.text.context_length)
-        img = OnnxRuntime(d / "image.onnx", tower_spec(cfg, "image"), intra_op_threads=intra_op_threads)
-        txt = OnnxRuntime(d / "text.onnx", tower_spec(cfg, "text"), intra_op_threads=intra_op_threads)
+        img = OnnxRuntime(image_dir / "image.onnx", tower_spec(cfg, "image"), intra_op_threads=intra_op_threads)
+        txt = OnnxRuntime(text_dir / "text.onnx", tower_spec(cfg, "text"), intra_op_threads=intra_op_threads)
         return cls(cfg, tok, img, txt, logit_scale=float(manifest["logit_scale"]))
 
     # --- embedding -----------------------------------------------------------------------

@@ -2,8 +2,8 @@
                           [--max-batch N] [--runtime auto|tensorrt|onnxruntime] [--activation ...]
 
 Checkpoint -> ONNX (both towers) -> validated against PyTorch on ONNX Runtime, figures
-printed.  Steps that belong to later stages (TensorRT plans, the Triton model repository)
-are reported as not run.  Anything wrong ends with one sentence on stderr and a non-zero
+printed -> a complete Triton model repository in --out.  The TensorRT stage is reported
+as not run.  Anything wrong ends with one sentence on stderr and a non-zero
 exit: 2 for bad input (checkpoint, vocabulary, flags), 1 for a failed numerics gate.
 """
 from __future__ import annotations
@@ -19,8 +19,9 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 from engine.artifacts import write_manifest  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.errors import FilipError, ValidationError  # noqa: E402
-from engine.tokenizer import ClipTokenizer, find_clip_merges_file  # noqa: E402
+from engine.pipeline import load_tokenizer  # noqa: E402
 from export.to_onnx import DEFAULT_OPSET, MIN_OPSET, export_tower, validate_tower  # noqa: E402
+from export.triton_repo import RepoSettings, version_dir, write_repository  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,39 +79,27 @@ def _run(args) -> int:
     t0 = time.perf_counter()
     ckpt = load_checkpoint(args.checkpoint, activation=args.activation)
     cfg = ckpt.config
-    print(f"[1/4] loaded {ckpt.path} ({ckpt.layout} layout): image {cfg.vision.image_size}px/{cfg.vision.patch_size} "
+    print(f"[1/5] loaded {ckpt.path} ({ckpt.layout} layout): image {cfg.vision.image_size}px/{cfg.vision.patch_size} "
           f"w{cfg.vision.width}x{cfg.vision.layers}, text ctx {cfg.text.context_length} w{cfg.text.width}x{cfg.text.layers}, "
           f"tokens D={cfg.token_dim} ({cfg.token_head} head), pooled D={cfg.embed_dim}, {cfg.activation}")
 
-    if args.vocab is not None:
-        tok = ClipTokenizer.from_file(args.vocab, vocab_size=cfg.text.vocab_size, context_length=cfg.text.context_length)
-        source = str(args.vocab)
-    elif ckpt.vocab_text is not None:
-        tok = ClipTokenizer.from_merges_text(ckpt.vocab_text, vocab_size=cfg.text.vocab_size,
-                                             context_length=cfg.text.context_length)
-        source = "the checkpoint"
-    else:
-        path = find_clip_merges_file()
-        tok = ClipTokenizer.from_file(path, vocab_size=cfg.text.vocab_size, context_length=cfg.text.context_length)
-        source = str(path)
-    if tok.vocab_size != cfg.text.vocab_size:
-        raise FilipError(f"the vocabulary from {source} has {tok.vocab_size} entries but the checkpoint's "
-                         f"token_embedding has {cfg.text.vocab_size}")
-    out = args.out / "onnx"
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(out / "tokenizer.json")
-    write_manifest(out, cfg, logit_scale=ckpt.model.similarity_scale(), layout=ckpt.layout, source=str(ckpt.path),
-                   extra={"opset": args.opset, "max_batch": args.max_batch})
-    print(f"[2/4] tokenizer from {source}: {tok.vocab_size} entries, SOT={tok.sot_token_id} EOT={tok.eot_token_id} "
-          f"-> {out / 'tokenizer.json'}")
+    tok, source = load_tokenizer(cfg, vocab=args.vocab, embedded=ckpt.vocab_text)
+    out = args.out
+    text_dir, image_dir = version_dir(out, "filip_text"), version_dir(out, "filip_image")
+    tok.save(text_dir / "tokenizer.json")
+    for d in (text_dir, image_dir, version_dir(out, "filip_score")):
+        write_manifest(d, cfg, logit_scale=ckpt.model.similarity_scale(), layout=ckpt.layout, source=str(ckpt.path),
+                       extra={"opset": args.opset, "max_batch": args.max_batch})
+    print(f"[2/5] tokenizer from {source}: {tok.vocab_size} entries, SOT={tok.sot_token_id} EOT={tok.eot_token_id} "
+          f"-> {text_dir / 'tokenizer.json'}")
 
     paths = {}
-    for tower in ("image", "text"):
+    for tower, d in (("image", image_dir), ("text", text_dir)):
         t = time.perf_counter()
-        paths[tower] = export_tower(ckpt.model, tower, out / f"{tower}.onnx", opset=args.opset, max_batch=args.max_batch)
-        print(f"[3/4] exported {tower} tower -> {paths[tower]} (opset {args.opset}, {time.perf_counter() - t:.1f} s)")
+        paths[tower] = export_tower(ckpt.model, tower, d / f"{tower}.onnx", opset=args.opset, max_batch=args.max_batch)
+        print(f"[3/5] exported {tower} tower -> {paths[tower]} (opset {args.opset}, {time.perf_counter() - t:.1f} s)")
 
-    print("[4/4] ONNX Runtime (CPU) vs PyTorch, fp32:")
+    print("[4/5] ONNX Runtime (CPU) vs PyTorch, fp32:")
     results = []
     for tower in ("image", "text"):
         for r in validate_tower(ckpt.model, paths[tower], tower):
@@ -121,10 +110,14 @@ def _run(args) -> int:
     print("      all numerics gates passed")
 
     if trt_ok:
-        print(f"TensorRT engines ({args.precision}): skipped (the TensorRT build stage is not implemented yet)")
+        print(f"      TensorRT engines ({args.precision}): skipped (the TensorRT build stage is not implemented yet)")
     else:
-        print(f"TensorRT engines: skipped ({trt_why or '--runtime onnxruntime'}); ONNX Runtime serves the encoders")
-    print(f"Triton model repository: not written yet (serving stage not implemented); ONNX artifacts are in {out}")
+        print(f"      TensorRT engines: skipped ({trt_why or '--runtime onnxruntime'}); ONNX Runtime serves the encoders")
+    settings = RepoSettings(max_batch=args.max_batch)
+    models = write_repository(out, cfg, logit_scale=ckpt.model.similarity_scale(), settings=settings)
+    print(f"[5/5] Triton model repository {out}: {', '.join(m.name for m in models)} "
+          f"(max batch {settings.max_batch}, queue delay {settings.queue_delay_us} us); "
+          f"serve it with: tritonserver --model-repository {out}")
     print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0
 

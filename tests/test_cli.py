@@ -22,10 +22,13 @@ def test_export_cli_tiny(tiny_checkpoint, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "all numerics gates passed" in r.stdout
     assert r.stdout.count("ok   tokens") == 3 + 9 and "FAIL" not in r.stdout   # 3 image + 9 text cases
-    assert "TensorRT engines: skipped" in r.stdout and "model repository: not written" in r.stdout.lower()
-    for name in ("image.onnx", "text.onnx", "tokenizer.json", "filip_config.json"):
-        assert (out / "onnx" / name).is_file(), name
-    manifest = json.loads((out / "onnx" / "filip_config.json").read_text())
+    assert "TensorRT engines: skipped" in r.stdout and "Triton model repository" in r.stdout
+    for rel in ("filip_image/1/image.onnx", "filip_text/1/text.onnx", "filip_text/1/tokenizer.json",
+                "filip_text/config.pbtxt", "filip_image/config.pbtxt", "filip_score/config.pbtxt",
+                "filip_text/1/model.py", "filip_image/1/model.py", "filip_score/1/model.py",
+                "filip_text/1/filip_config.json", "filip_image/1/filip_config.json"):
+        assert (out / rel).is_file(), rel
+    manifest = json.loads((out / "filip_text" / "1" / "filip_config.json").read_text())
     assert manifest["checkpoint_layout"] == "native" and manifest["model"]["vision"]["image_size"] == 32
 
 

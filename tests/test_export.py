@@ -28,11 +28,11 @@ def exported(request, tmp_path_factory):
     return model, {t: export_tower(model, t, out / f"{t}.onnx") for t in ("image", "text")}
 
 
-@pytest.mark.parametrize("tower", ["image", "text"])
 def meta_opset(proto):
     return {p.key: p.value for p in proto.metadata_props}["filip.opset"]
 
 
+@pytest.mark.parametrize("tower", ["image", "text"])
 def test_onnx_parity(exported, tower):
     model, paths = exported
     results = validate_tower(model, paths[tower], tower, batch_sizes=(1, 2, 5, 8))

@@ -22,7 +22,7 @@ TEXTS = ["a photo of a cat", "two dogs playing in the snow, 4k", "!", "中文 ca
 def pipes(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
     assert export_main([str(tiny_checkpoint), "--out", str(out)]) == 0
-    return FilipPipeline.from_checkpoint(tiny_checkpoint), FilipPipeline.from_export_dir(out / "onnx")
+    return FilipPipeline.from_checkpoint(tiny_checkpoint), FilipPipeline.from_repository(out)
 
 
 def _images():

@@ -1,0 +1,182 @@
+"""What the sync and async clients share: model names, input encoding, request building,
+output parsing and the zero-shot aggregation.  No I/O happens here."""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+
+from .errors import FilipInvalidInputError
+from .types import Embeddings
+
+TEXT_MODEL = "filip_text"
+IMAGE_MODEL = "filip_image"
+SCORE_MODEL = "filip_score"
+MODELS = (TEXT_MODEL, IMAGE_MODEL, SCORE_MODEL)
+EMBED_OUTPUTS = ("TOKENS", "LENGTHS", "POOLED")
+
+# Client-side limits mirror the server's defaults (engine.serving.ServingLimits) so that a
+# request that would be refused is refused before it is sent.
+MAX_TEXT_CHARS = 2_000
+MAX_IMAGE_BYTES = 16 * 1024 * 1024
+MAX_ITEMS_PER_REQUEST = 256
+
+# CLIP-style prompt ensemble (a subset of OpenAI's ImageNet templates); overridable per call.
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.", "a bad photo of a {}.", "a photo of many {}.", "a photo of the large {}.",
+    "a photo of the small {}.", "a close-up photo of a {}.", "a bright photo of a {}.", "itap of a {}.",
+)
+
+ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, Any]
+
+
+def encode_image(item: ImageLike, index: int) -> bytes:
+    """Whatever the user gave -> encoded image bytes for the server (which decodes and
+    preprocesses).  Paths are read, PIL images and uint8 arrays are PNG-encoded (lossless)."""
+    if isinstance(item, (str, os.PathLike)):
+        path = Path(item)
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise FilipInvalidInputError(f"image {index}: cannot read {path}: {e.strerror or e}") from e
+    elif isinstance(item, (bytes, bytearray, memoryview)):
+        data = bytes(item)
+    elif isinstance(item, np.ndarray):
+        if item.dtype != np.uint8 or item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[2] not in (1, 3, 4)):
+            raise FilipInvalidInputError(f"image {index}: an array must be uint8 HxW or HxWx{{1,3,4}}, got {item.dtype} {item.shape}")
+        data = _png(_pil().fromarray(item[..., 0] if item.ndim == 3 and item.shape[2] == 1 else item))
+    elif _is_pil(item):
+        data = _png(item)
+    else:
+        raise FilipInvalidInputError(f"image {index}: unsupported type {type(item).__name__} "
+                                     "(give a path, encoded bytes, a PIL image or a uint8 array)")
+    if not data:
+        raise FilipInvalidInputError(f"image {index} is empty (0 bytes)")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise FilipInvalidInputError(f"image {index} has {len(data)} bytes; the limit is {MAX_IMAGE_BYTES}")
+    return data
+
+
+def _pil():
+    from PIL import Image
+    return Image
+
+
+def _is_pil(item) -> bool:
+    try:
+        return isinstance(item, _pil().Image)
+    except ImportError:
+        return False
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def check_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
+        raise FilipInvalidInputError("texts must be a list of strings")
+    if not texts:
+        raise FilipInvalidInputError("texts is empty")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise FilipInvalidInputError(f"text {i} is a {type(t).__name__}, expected str")
+        if not t.strip():
+            raise FilipInvalidInputError(f"text {i} is empty")
+        if len(t) > MAX_TEXT_CHARS:
+            raise FilipInvalidInputError(f"text {i} has {len(t)} characters; the limit is {MAX_TEXT_CHARS}")
+    return list(texts)
+
+
+def check_images(images: Sequence[ImageLike]) -> list[ImageLike]:
+    if isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike)) or _is_pil(images) or (
+            isinstance(images, np.ndarray)) or not isinstance(images, Sequence):
+        raise FilipInvalidInputError("images must be a list (of paths, bytes, PIL images or uint8 arrays)")
+    if not images:
+        raise FilipInvalidInputError("images is empty")
+    return list(images)
+
+
+def chunks(n: int, size: int) -> list[tuple[int, int]]:
+    if size < 1 or size > MAX_ITEMS_PER_REQUEST:
+        raise FilipInvalidInputError(f"batch_size must be in 1..{MAX_ITEMS_PER_REQUEST}, got {size}")
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def text_inputs(grpc, texts: Sequence[str]) -> list:
+    arr = np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(-1, 1)
+    inp = grpc.InferInput("TEXT", list(arr.shape), "BYTES")
+    inp.set_data_from_numpy(arr)
+    return [inp]
+
+
+def image_inputs(grpc, blobs: Sequence[bytes]) -> list:
+    arr = np.array(list(blobs), dtype=np.object_).reshape(-1, 1)
+    inp = grpc.InferInput("IMAGE", list(arr.shape), "BYTES")
+    inp.set_data_from_numpy(arr)
+    return [inp]
+
+
+def score_inputs(grpc, images: Embeddings, texts: Embeddings) -> list:
+    arrays = {"IMAGE_TOKENS": np.ascontiguousarray(images.tokens, np.float32),
+              "IMAGE_LENGTHS": np.ascontiguousarray(images.lengths, np.int32).reshape(-1),
+              "TEXT_TOKENS": np.ascontiguousarray(texts.tokens, np.float32),
+              "TEXT_LENGTHS": np.ascontiguousarray(texts.lengths, np.int32).reshape(-1)}
+    out = []
+    for name, a in arrays.items():
+        inp = grpc.InferInput(name, list(a.shape), "FP32" if a.dtype == np.float32 else "INT32")
+        inp.set_data_from_numpy(a)
+        out.append(inp)
+    return out
+
+
+def requested(grpc, names: Sequence[str]) -> list:
+    return [grpc.InferRequestedOutput(n) for n in names]
+
+
+def output(result, name: str, what: str) -> np.ndarray:
+    a = result.as_numpy(name)
+    if a is None:
+        from .errors import FilipServerError
+        raise FilipServerError(f"{what}: the server's response has no output '{name}'")
+    return a
+
+
+def parse_embeddings(result, what: str) -> Embeddings:
+    return Embeddings(output(result, "TOKENS", what).astype(np.float32, copy=False),
+                      output(result, "LENGTHS", what).reshape(-1).astype(np.int32, copy=False),
+                      output(result, "POOLED", what).astype(np.float32, copy=False))
+
+
+def check_embeddings(e: Embeddings, what: str) -> None:
+    if not isinstance(e, Embeddings):
+        raise FilipInvalidInputError(f"{what} must be an Embeddings value (from embed_images / embed_texts)")
+    if e.tokens.ndim != 3 or e.lengths.shape != (e.tokens.shape[0],) or len(e) == 0:
+        raise FilipInvalidInputError(f"{what}: inconsistent Embeddings shapes {e.tokens.shape}, {e.lengths.shape}")
+
+
+def build_prompts(labels: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Class-major: all templates of label 0, then of label 1, ..."""
+    if isinstance(labels, str) or not labels:
+        raise FilipInvalidInputError("labels must be a non-empty list of strings")
+    if isinstance(templates, str) or not templates or any("{}" not in t for t in templates):
+        raise FilipInvalidInputError("templates must be a non-empty list of strings each containing '{}'")
+    return [t.format(label) for label in labels for t in templates]
+
+
+def aggregate_zero_shot(s_i: np.ndarray, n_labels: int, n_templates: int, mode: str, logit_scale: float) -> np.ndarray:
+    """[n_img, C*T] class-major s_I -> [n_img, C]: the paper's mean of similarities over
+    templates ("mean"), or the mean over templates of softmax probabilities ("softmax")."""
+    s = s_i.reshape(s_i.shape[0], n_labels, n_templates)
+    if mode == "mean":
+        return s.mean(axis=2)
+    if mode == "softmax":
+        z = logit_scale * s.astype(np.float64)
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return (z / z.sum(axis=1, keepdims=True)).mean(axis=2).astype(np.float32)
+    raise FilipInvalidInputError(f"mode must be 'mean' or 'softmax', got {mode!r}")

@@ -1,0 +1,130 @@
+"""AsyncFilipClient: the asyncio twin of :class:`client.FilipClient` (same methods and
+keyword-only arguments, awaitable), on ``tritonclient.grpc.aio``."""
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Awaitable, Callable, Mapping, Sequence
+
+import numpy as np
+import tritonclient.grpc as grpc
+import tritonclient.grpc.aio as grpc_aio
+
+from . import _protocol as P
+from .errors import FilipInvalidInputError, from_triton
+from .sync import _progress
+from .types import Embeddings, Health
+
+
+class AsyncFilipClient:
+    def __init__(self, url: str = "localhost:8001", *, timeout: float | None = 60.0, concurrency: int = 4,
+                 ssl: bool = False, root_certificates: str | None = None, private_key: str | None = None,
+                 certificate_chain: str | None = None, headers: Mapping[str, str] | None = None):
+        if concurrency < 1:
+            raise FilipInvalidInputError("concurrency must be at least 1")
+        self.url, self.timeout, self.concurrency = url, timeout, concurrency
+        self.headers = dict(headers or {})
+        self._grpc = grpc_aio.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates,
+                                                    private_key=private_key, certificate_chain=certificate_chain)
+        self._sem: asyncio.Semaphore | None = None
+        self._scale: float | None = None
+
+    async def _call(self, model: str, inputs: list, outputs: Sequence[str], timeout: float | None, what: str):
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self.concurrency)
+        async with self._sem:
+            try:
+                return await self._grpc.infer(model, inputs, outputs=P.requested(grpc, outputs),
+                                              client_timeout=self.timeout if timeout is None else timeout,
+                                              headers=self.headers)
+            except Exception as e:
+                raise from_triton(e, what) from e
+
+    async def _map(self, fn: Callable[[int, int], Awaitable[Embeddings]], spans, progress: bool, desc: str) -> list:
+        bar = _progress(progress, sum(b - a for a, b in spans), desc)
+
+        async def tracked(a, b):
+            r = await fn(a, b)
+            bar(b - a)
+            return r
+
+        try:
+            return list(await asyncio.gather(*(tracked(a, b) for a, b in spans)))
+        finally:
+            bar(None)
+
+    async def embed_texts(self, texts: Sequence[str], *, batch_size: int = 32, timeout: float | None = None,
+                          progress: bool = False) -> Embeddings:
+        texts = P.check_texts(texts)
+
+        async def one(a: int, b: int) -> Embeddings:
+            res = await self._call(P.TEXT_MODEL, P.text_inputs(grpc, texts[a:b]), P.EMBED_OUTPUTS, timeout, f"texts {a}..{b - 1}")
+            return P.parse_embeddings(res, P.TEXT_MODEL)
+
+        return Embeddings.concat(await self._map(one, P.chunks(len(texts), batch_size), progress, "texts"))
+
+    async def embed_images(self, images: Sequence[P.ImageLike], *, batch_size: int = 16, timeout: float | None = None,
+                           progress: bool = False) -> Embeddings:
+        images = P.check_images(images)
+        blobs = [P.encode_image(im, i) for i, im in enumerate(images)]
+
+        async def one(a: int, b: int) -> Embeddings:
+            res = await self._call(P.IMAGE_MODEL, P.image_inputs(grpc, blobs[a:b]), P.EMBED_OUTPUTS, timeout, f"images {a}..{b - 1}")
+            return P.parse_embeddings(res, P.IMAGE_MODEL)
+
+        return Embeddings.concat(await self._map(one, P.chunks(len(blobs), batch_size), progress, "images"))
+
+    async def score(self, images: Embeddings, texts: Embeddings, *, direction: str = "i2t",
+                    timeout: float | None = None) -> np.ndarray:
+        if direction not in ("i2t", "t2i"):
+            raise FilipInvalidInputError(f"direction must be 'i2t' or 't2i', got {direction!r}")
+        P.check_embeddings(images, "images")
+        P.check_embeddings(texts, "texts")
+        name = "S_I" if direction == "i2t" else "S_T"
+        res = await self._call(P.SCORE_MODEL, P.score_inputs(grpc, images, texts), [name], timeout, "score")
+        return P.output(res, name, P.SCORE_MODEL)
+
+    async def classify(self, images, labels: Sequence[str], *, templates: Sequence[str] = P.DEFAULT_TEMPLATES,
+                       mode: str = "mean", timeout: float | None = None) -> np.ndarray:
+        prompts = P.build_prompts(labels, templates)
+        if not isinstance(images, Embeddings):
+            images = await self.embed_images(images, timeout=timeout)
+        s_i = await self.score(images, await self.embed_texts(prompts, timeout=timeout), timeout=timeout)
+        scale = await self.logit_scale() if mode == "softmax" else 1.0
+        return P.aggregate_zero_shot(s_i, len(labels), len(templates), mode, scale)
+
+    async def alignment(self, image: Embeddings, text: Embeddings, *, timeout: float | None = None) -> np.ndarray:
+        P.check_embeddings(image, "image")
+        P.check_embeddings(text, "text")
+        res = await self._call(P.SCORE_MODEL, P.score_inputs(grpc, image[0], text[0]), ["ALIGNMENT"], timeout, "alignment")
+        amap = P.output(res, "ALIGNMENT", P.SCORE_MODEL)[0, 0]
+        g = math.isqrt(amap.shape[0])
+        return amap.reshape(g, g) if g * g == amap.shape[0] else amap
+
+    async def logit_scale(self) -> float:
+        if self._scale is None:
+            try:
+                cfg = await self._grpc.get_model_config(P.SCORE_MODEL, as_json=True, client_timeout=self.timeout, headers=self.headers)
+            except Exception as e:
+                raise from_triton(e, "model config") from e
+            self._scale = float(cfg["config"]["parameters"]["logit_scale"]["string_value"])
+        return self._scale
+
+    async def health(self, *, timeout: float | None = None) -> Health:
+        t = self.timeout if timeout is None else timeout
+        try:
+            live = await self._grpc.is_server_live(headers=self.headers, client_timeout=t)
+            ready = await self._grpc.is_server_ready(headers=self.headers, client_timeout=t)
+            models = {m: await self._grpc.is_model_ready(m, headers=self.headers, client_timeout=t) for m in P.MODELS}
+        except Exception as e:
+            raise from_triton(e, "health") from e
+        return Health(live, ready, models)
+
+    async def close(self) -> None:
+        await self._grpc.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,133 @@
+"""The last step of ``make demo``: serve a model repository with ``tritonserver``, embed a
+real photograph and drawn images plus a few captions through the gRPC client, print s_I /
+s_T, a zero-shot classification and a word-patch alignment map, check the served
+embeddings against in-process PyTorch, stop the server.
+
+    python -m client.demo --repository build/demo/triton_models --checkpoint build/demo/filip-ViT-B-32.pt
+    python -m client.demo --url localhost:8001            # against a server you started
+
+A random-initialised checkpoint gives meaningless rankings; the demo shows the machinery and
+that the numbers are exact.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .errors import FilipError
+from .launch import TritonServer
+from .sync import FilipClient
+
+TEXTS = ["a photo of a woman in uniform", "a red circle on a white background",
+         "a blue square", "a diagram of a neural network", "!"]
+LABELS = ["person", "circle", "square", "cat"]
+
+
+def demo_images() -> dict[str, object]:
+    """A real photograph shipped with matplotlib (when installed) and drawn images, in the
+    different forms the client accepts (path, bytes, PIL, array)."""
+    images: dict[str, object] = {}
+    try:
+        import matplotlib
+        photo = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+        if photo.is_file():
+            images["grace_hopper.jpg (path)"] = str(photo)
+    except ImportError:
+        pass
+    circle = Image.new("RGB", (320, 240), "white")
+    ImageDraw.Draw(circle).ellipse((90, 50, 230, 190), fill="red")
+    buf = io.BytesIO()
+    circle.save(buf, format="PNG")
+    images["red circle (PNG bytes)"] = buf.getvalue()
+    square = Image.new("RGB", (200, 300), "white")
+    ImageDraw.Draw(square).rectangle((40, 90, 160, 210), fill="blue")
+    images["blue square (PIL)"] = square
+    images["noise (uint8 array)"] = np.random.default_rng(0).integers(0, 256, (180, 240, 3), dtype=np.uint8)
+    return images
+
+
+def _table(title: str, rows: list[str], cols: list[str], m: np.ndarray) -> str:
+    w = max(len(r) for r in rows)
+    head = " " * w + " | " + " ".join(f"{c[:14]:>14}" for c in cols)
+    lines = [title, head, "-" * len(head)]
+    lines += [f"{r:<{w}} | " + " ".join(f"{v:>+14.4f}" for v in m[i]) for i, r in enumerate(rows)]
+    return "\n".join(lines)
+
+
+def run(client: FilipClient, checkpoint: Path | None) -> None:
+    images = demo_images()
+    names = list(images)
+    t = time.perf_counter()
+    img = client.embed_images(list(images.values()))
+    t_img = time.perf_counter() - t
+    t = time.perf_counter()
+    txt = client.embed_texts(TEXTS)
+    t_txt = time.perf_counter() - t
+    print(f"served: {len(img)} images in {t_img * 1e3:.0f} ms -> tokens {img.tokens.shape}, pooled {img.pooled.shape}")
+    print(f"served: {len(txt)} texts in {t_txt * 1e3:.0f} ms -> tokens {txt.tokens.shape}, lengths {txt.lengths.tolist()}")
+    print()
+    print(_table("s_I (image -> text: mean over patches of the best word)", names, TEXTS, client.score(img, txt)))
+    print()
+    print(_table("s_T (text -> image: mean over words of the best patch)", names, TEXTS, client.score(img, txt, direction="t2i")))
+    print()
+    zs = client.classify(img, LABELS)
+    print(_table("zero-shot (mean s_I over the prompt ensemble)", names, LABELS, zs))
+    for n, row in zip(names, zs):
+        print(f"  {n}: {LABELS[int(np.argmax(row))]}")
+    print()
+    amap = client.alignment(img[0], txt[0])
+    print(f"word-patch alignment of '{names[0]}' with '{TEXTS[0]}' (best token per patch; 0 = SOT):")
+    print("\n".join("  " + " ".join(f"{v:2d}" for v in row) for row in np.atleast_2d(amap)))
+    if checkpoint is not None:
+        # in-process comparison: the engine is imported lazily, only here
+        from engine.compare import compare_outputs
+        from engine.io_spec import Tolerance
+        from engine.pipeline import FilipPipeline
+        ref = FilipPipeline.from_checkpoint(checkpoint)
+        print()
+        for what, a, b in (("images", ref.embed_images(list(images.values())), img), ("texts", ref.embed_texts(TEXTS), txt)):
+            r = compare_outputs({"tokens": a.tokens, "pooled": a.pooled}, {"tokens": b.tokens, "pooled": b.pooled},
+                                Tolerance(max_abs=1e-4, min_cosine=0.9999), f"served vs in-process PyTorch, {what}")
+            print(r.summary())
+            r.raise_if_failed()
+    print("\n(random weights: the rankings above are meaningless; the numbers are exact)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m client.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--repository", type=Path, help="model repository to serve (starts and stops tritonserver)")
+    p.add_argument("--url", help="use a running server instead (host:grpc_port)")
+    p.add_argument("--checkpoint", type=Path, help="also compare with in-process PyTorch on this checkpoint")
+    args = p.parse_args(argv)
+    if (args.repository is None) == (args.url is None):
+        p.error("give exactly one of --repository or --url")
+    try:
+        if args.url:
+            with FilipClient(args.url) as client:
+                run(client, args.checkpoint)
+        else:
+            with TritonServer(args.repository) as server:
+                print(f"tritonserver ready on {server.url} in {server.startup_s:.1f} s (log: {server.log})")
+                with FilipClient(server.url) as client:
+                    run(client, args.checkpoint)
+            print("tritonserver stopped")
+    except (FilipError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from engine.errors import FilipError as EngineError  # a failed parity gate, a bad checkpoint
+        if isinstance(e, EngineError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Start and stop a real ``tritonserver`` on free loopback ports (the demo, the tests and the
+benchmark use it): ``with TritonServer(repo) as server: FilipClient(server.url)``."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import tritonclient.grpc as grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TritonServer:
+    """``with TritonServer(repo) as server: server.url`` — ready on return, stopped on exit."""
+
+    def __init__(self, repo: Path, *, ready_timeout: float = 120.0, log: Path | None = None, extra: list[str] = ()):
+        self.repo, self.ready_timeout = Path(repo), ready_timeout
+        self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.url = f"127.0.0.1:{self.grpc_port}"
+        self.log = log or self.repo.parent / f"tritonserver-{self.grpc_port}.log"
+        self.extra = list(extra)
+        self.proc: subprocess.Popen | None = None
+        self.startup_s = float("nan")
+
+    def start(self) -> "TritonServer":
+        launcher = Path(sys.executable).parent / "tritonserver"   # this environment's launcher
+        if not launcher.exists():
+            launcher = Path(shutil.which("tritonserver") or "tritonserver")
+        cmd = [str(launcher), "--model-repository", str(self.repo), f"--grpc-port={self.grpc_port}",
+               f"--http-port={self.http_port}", f"--metrics-port={self.metrics_port}", *self.extra]
+        t0 = time.perf_counter()
+        self._logf = open(self.log, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=subprocess.STDOUT, start_new_session=True)
+        client = grpc.InferenceServerClient(self.url)
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                if client.is_server_ready(client_timeout=1.0):
+                    self.startup_s = time.perf_counter() - t0
+                    return self
+            except Exception:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"tritonserver not ready after {self.ready_timeout} s:\n{self.tail()}")
+
+    def tail(self, n: int = 4000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)   # Triton drains in-flight requests on SIGINT
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if getattr(self, "_logf", None):
+            self._logf.close()
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

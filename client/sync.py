@@ -1,0 +1,162 @@
+"""FilipClient: the synchronous gRPC client (tritonclient underneath).
+
+    client = FilipClient("localhost:8001")
+    img = client.embed_images(["cat.jpg", pil_image, uint8_array, jpeg_bytes])
+    txt = client.embed_texts(["a photo of a cat", "a dog"])
+    client.score(img, txt)                 # s_I [n_img, n_txt]; direction="t2i" for s_T
+    client.classify(img, ["cat", "dog"])   # zero-shot with a prompt ensemble
+    client.alignment(img[0], txt[0])       # word-patch map on the patch grid
+
+Long inputs are split into requests of ``batch_size`` items sent with at most
+``concurrency`` in flight; results come back in input order.
+"""
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import tritonclient.grpc as grpc
+
+from . import _protocol as P
+from .errors import FilipError, FilipInvalidInputError, from_triton
+from .types import Embeddings, Health
+
+
+class FilipClient:
+    def __init__(self, url: str = "localhost:8001", *, timeout: float | None = 60.0, concurrency: int = 4,
+                 ssl: bool = False, root_certificates: str | None = None, private_key: str | None = None,
+                 certificate_chain: str | None = None, headers: Mapping[str, str] | None = None):
+        """``timeout``: default seconds per call (None: no deadline); ``headers``: gRPC metadata
+        sent with every call (e.g. ``{"authorization": "Bearer ..."}``); TLS via ``ssl`` and PEM paths."""
+        if concurrency < 1:
+            raise FilipInvalidInputError("concurrency must be at least 1")
+        self.url, self.timeout, self.concurrency = url, timeout, concurrency
+        self.headers = dict(headers or {})
+        self._grpc = grpc.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates,
+                                                private_key=private_key, certificate_chain=certificate_chain)
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="filip-client")
+        self._scale: float | None = None
+
+    # --- plumbing ------------------------------------------------------------------------
+    def _call(self, model: str, inputs: list, outputs: Sequence[str], timeout: float | None, what: str):
+        try:
+            return self._grpc.infer(model, inputs, outputs=P.requested(grpc, outputs),
+                                    client_timeout=self.timeout if timeout is None else timeout, headers=self.headers)
+        except Exception as e:  # InferenceServerException and gRPC errors
+            raise from_triton(e, what) from e
+
+    def _map(self, fn: Callable[[int, int], Embeddings], spans: list[tuple[int, int]], progress: bool, desc: str) -> list:
+        bar = _progress(progress, sum(b - a for a, b in spans), desc)
+        futures = [self._pool.submit(fn, a, b) for a, b in spans]
+        try:
+            out = []
+            for (a, b), f in zip(spans, futures):
+                out.append(f.result())
+                bar(b - a)
+            return out
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        finally:
+            bar(None)
+
+    # --- public API ----------------------------------------------------------------------
+    def embed_texts(self, texts: Sequence[str], *, batch_size: int = 32, timeout: float | None = None,
+                    progress: bool = False) -> Embeddings:
+        texts = P.check_texts(texts)
+
+        def one(a: int, b: int) -> Embeddings:
+            res = self._call(P.TEXT_MODEL, P.text_inputs(grpc, texts[a:b]), P.EMBED_OUTPUTS, timeout, f"texts {a}..{b - 1}")
+            return P.parse_embeddings(res, P.TEXT_MODEL)
+
+        return Embeddings.concat(self._map(one, P.chunks(len(texts), batch_size), progress, "texts"))
+
+    def embed_images(self, images: Sequence[P.ImageLike], *, batch_size: int = 16, timeout: float | None = None,
+                     progress: bool = False) -> Embeddings:
+        images = P.check_images(images)
+        blobs = [P.encode_image(im, i) for i, im in enumerate(images)]
+
+        def one(a: int, b: int) -> Embeddings:
+            res = self._call(P.IMAGE_MODEL, P.image_inputs(grpc, blobs[a:b]), P.EMBED_OUTPUTS, timeout, f"images {a}..{b - 1}")
+            return P.parse_embeddings(res, P.IMAGE_MODEL)
+
+        return Embeddings.concat(self._map(one, P.chunks(len(blobs), batch_size), progress, "images"))
+
+    def score(self, images: Embeddings, texts: Embeddings, *, direction: str = "i2t",
+              timeout: float | None = None) -> np.ndarray:
+        """[n_img, n_txt] late-interaction scores: s_I (``"i2t"``: rank texts for an image) or s_T (``"t2i"``)."""
+        if direction not in ("i2t", "t2i"):
+            raise FilipInvalidInputError(f"direction must be 'i2t' or 't2i', got {direction!r}")
+        P.check_embeddings(images, "images")
+        P.check_embeddings(texts, "texts")
+        name = "S_I" if direction == "i2t" else "S_T"
+        res = self._call(P.SCORE_MODEL, P.score_inputs(grpc, images, texts), [name], timeout, "score")
+        return P.output(res, name, P.SCORE_MODEL)
+
+    def classify(self, images: Embeddings | Sequence[P.ImageLike], labels: Sequence[str], *,
+                 templates: Sequence[str] = P.DEFAULT_TEMPLATES, mode: str = "mean",
+                 timeout: float | None = None) -> np.ndarray:
+        """Zero-shot scores [n_img, n_labels]: the mean of s_I over the prompt templates
+        (``mode="mean"``, FILIP's), or the mean of per-template softmax probabilities ("softmax")."""
+        prompts = P.build_prompts(labels, templates)
+        if not isinstance(images, Embeddings):
+            images = self.embed_images(images, timeout=timeout)
+        s_i = self.score(images, self.embed_texts(prompts, timeout=timeout), timeout=timeout)
+        scale = self.logit_scale() if mode == "softmax" else 1.0
+        return P.aggregate_zero_shot(s_i, len(labels), len(templates), mode, scale)
+
+    def alignment(self, image: Embeddings, text: Embeddings, *, timeout: float | None = None) -> np.ndarray:
+        """Word-patch alignment of the first image and first text: for each patch, the index of
+        its best text token (0 = SOT), on the patch grid when it is square."""
+        P.check_embeddings(image, "image")
+        P.check_embeddings(text, "text")
+        res = self._call(P.SCORE_MODEL, P.score_inputs(grpc, image[0], text[0]), ["ALIGNMENT"], timeout, "alignment")
+        amap = P.output(res, "ALIGNMENT", P.SCORE_MODEL)[0, 0]
+        g = math.isqrt(amap.shape[0])
+        return amap.reshape(g, g) if g * g == amap.shape[0] else amap
+
+    def logit_scale(self) -> float:
+        """The model's similarity multiplier (exp of its logit scale), from the served config."""
+        if self._scale is None:
+            try:
+                cfg = self._grpc.get_model_config(P.SCORE_MODEL, as_json=True, client_timeout=self.timeout, headers=self.headers)
+            except Exception as e:
+                raise from_triton(e, "model config") from e
+            self._scale = float(cfg["config"]["parameters"]["logit_scale"]["string_value"])
+        return self._scale
+
+    def health(self, *, timeout: float | None = None) -> Health:
+        """Server liveness/readiness and each FILIP model's readiness."""
+        t = self.timeout if timeout is None else timeout
+        try:
+            live = self._grpc.is_server_live(headers=self.headers, client_timeout=t)
+            ready = self._grpc.is_server_ready(headers=self.headers, client_timeout=t)
+            models = {m: self._grpc.is_model_ready(m, headers=self.headers, client_timeout=t) for m in P.MODELS}
+        except Exception as e:
+            raise from_triton(e, "health") from e
+        return Health(live, ready, models)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            self._grpc.close()
+        except FilipError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _progress(enabled: bool, total: int, desc: str) -> Callable[[int | None], None]:
+    """A tqdm bar when asked for (and installed); ``update(None)`` closes it."""
+    if not enabled:
+        return lambda n: None
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=desc, unit="item")
+    return lambda n: bar.close() if n is None else bar.update(n)

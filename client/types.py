@@ -1,0 +1,41 @@
+"""Typed results of the client (no dependency on the engine)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """tokens float32 [N, T, D] (zero past each row's length), lengths int32 [N],
+    pooled float32 [N, E] (L2-normalised projected image CLS / text EOT).
+    Image tokens exclude CLS; text tokens include SOT and EOT."""
+    tokens: np.ndarray
+    lengths: np.ndarray
+    pooled: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.lengths.shape[0])
+
+    def __getitem__(self, idx) -> "Embeddings":
+        idx = slice(idx, idx + 1) if isinstance(idx, int) else idx
+        return Embeddings(self.tokens[idx], self.lengths[idx], self.pooled[idx])
+
+    @staticmethod
+    def concat(parts: list["Embeddings"]) -> "Embeddings":
+        """Concatenate along N, padding the token axis with zeros to the widest part."""
+        t = max(p.tokens.shape[1] for p in parts)
+        tokens = np.concatenate([np.pad(p.tokens, ((0, 0), (0, t - p.tokens.shape[1]), (0, 0))) for p in parts])
+        return Embeddings(tokens, np.concatenate([p.lengths for p in parts]), np.concatenate([p.pooled for p in parts]))
+
+
+@dataclass(frozen=True)
+class Health:
+    live: bool
+    ready: bool
+    models: dict[str, bool]          # model name -> ready
+
+    @property
+    def ok(self) -> bool:
+        return self.live and self.ready and all(self.models.values())

@@ -1,0 +1,210 @@
+"""Server-side batch handlers: what the Triton Python-backend models call.
+
+Triton's dynamic batcher hands a Python model several requests at once.  These functions
+take the requests' decoded inputs, validate each request on its own, run every valid item
+through the tower in one stacked batch, and split the outputs back per request.  A bad
+request yields an :class:`~engine.errors.InvalidInputError` in its slot and never disturbs
+the others.  They are plain functions so they are unit-tested without a server.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .errors import FilipError, InvalidInputError, TextInputError
+from .interaction import alignment_map, late_interaction
+from .preprocess import ImageTransform
+from .runtime import Runtime
+from .tokenizer import ClipTokenizer
+
+Result = dict[str, np.ndarray] | FilipError
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """Per-request limits enforced on the server (documented in the README)."""
+    max_items_per_request: int = 256     # texts or images in one request
+    max_text_chars: int = 2_000          # characters per text (CLIP truncates at 77 tokens anyway)
+    max_image_bytes: int = 16 * 1024 * 1024
+    max_image_pixels: int = 40_000_000   # declared width x height, checked before decoding
+    max_score_items: int = 100_000       # images x texts tokens per scoring request (rows)
+
+
+def _split_run(runtime: Runtime, feeds: dict[str, np.ndarray], counts: list[int], max_batch: int) -> list[dict[str, np.ndarray]]:
+    """Run ``feeds`` (stacked along axis 0) through ``runtime`` in chunks of at most
+    ``max_batch`` rows, then split the outputs into ``counts`` consecutive groups."""
+    total = sum(counts)
+    outs: dict[str, list[np.ndarray]] = {}
+    for i in range(0, total, max_batch):
+        part = runtime.infer({k: v[i:i + max_batch] for k, v in feeds.items()})
+        for k, v in part.items():
+            outs.setdefault(k, []).append(v)
+    merged = {k: np.concatenate(v) for k, v in outs.items()}
+    bounds = np.cumsum([0] + counts)
+    return [{k: v[a:b] for k, v in merged.items()} for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+# --- text --------------------------------------------------------------------------------
+def decode_texts(raw: np.ndarray, limits: ServingLimits) -> list[str]:
+    """A request's TEXT tensor (object array of bytes, shape [n] or [n, 1]) -> validated strings."""
+    items = list(np.asarray(raw, dtype=object).reshape(-1))
+    if not items:
+        raise TextInputError("the request has no texts")
+    if len(items) > limits.max_items_per_request:
+        raise TextInputError(f"{len(items)} texts in one request; the limit is {limits.max_items_per_request}")
+    texts = []
+    for i, item in enumerate(items):
+        if isinstance(item, (bytes, bytearray, np.bytes_)):
+            try:
+                item = bytes(item).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TextInputError(f"text {i} is not valid UTF-8 ({e.reason} at byte {e.start})") from e
+        if not isinstance(item, str):
+            raise TextInputError(f"text {i} is a {type(item).__name__}, expected UTF-8 bytes")
+        if not item.strip():
+            raise TextInputError(f"text {i} is empty")
+        if len(item) > limits.max_text_chars:
+            raise TextInputError(f"text {i} has {len(item)} characters; the limit is {limits.max_text_chars}")
+        texts.append(item)
+    return texts
+
+
+def embed_text_requests(tokenizer: ClipTokenizer, runtime: Runtime, requests: Sequence[np.ndarray],
+                        limits: ServingLimits = ServingLimits(), max_batch: int = 64) -> list[Result]:
+    """Each request -> {"TOKENS" [n, T_req, D], "LENGTHS" [n, 1] int32, "POOLED" [n, E]} or its error."""
+    results: list[Result | None] = [None] * len(requests)
+    ok: list[tuple[int, np.ndarray, np.ndarray]] = []
+    for r, raw in enumerate(requests):
+        try:
+            batch = tokenizer(decode_texts(raw, limits), pad_to="longest")
+            ok.append((r, batch.ids, batch.lengths))
+        except FilipError as e:
+            results[r] = e
+    if ok:
+        width = max(ids.shape[1] for _, ids, _ in ok)
+        ids = np.concatenate([np.pad(i, ((0, 0), (0, width - i.shape[1]))) for _, i, _ in ok])
+        lengths = np.concatenate([n for _, _, n in ok]).astype(np.int64)
+        parts = _split_run(runtime, {"input_ids": ids, "lengths": lengths}, [len(n) for _, _, n in ok], max_batch)
+        for (r, own_ids, own_len), out in zip(ok, parts):
+            t = own_ids.shape[1]   # each request keeps its own padding width
+            results[r] = {"TOKENS": np.ascontiguousarray(out["tokens"][:, :t]),
+                          "LENGTHS": own_len.astype(np.int32).reshape(-1, 1),
+                          "POOLED": out["pooled"]}
+    return results  # type: ignore[return-value]
+
+
+# --- images ------------------------------------------------------------------------------
+def decode_images(raw: np.ndarray, transform: ImageTransform, limits: ServingLimits) -> np.ndarray:
+    """A request's IMAGE tensor (object array of encoded bytes) -> pixels [n, 3, S, S]."""
+    items = list(np.asarray(raw, dtype=object).reshape(-1))
+    if not items:
+        raise InvalidInputError("the request has no images")
+    if len(items) > limits.max_items_per_request:
+        raise InvalidInputError(f"{len(items)} images in one request; the limit is {limits.max_items_per_request}")
+    for i, item in enumerate(items):
+        if not isinstance(item, (bytes, bytearray, np.bytes_)):
+            raise InvalidInputError(f"image {i} is a {type(item).__name__}, expected encoded image bytes")
+    return transform.batch([bytes(b) for b in items])
+
+
+def check_pixels(raw: np.ndarray, image_size: int) -> np.ndarray:
+    a = np.asarray(raw)
+    if a.dtype != np.float32:
+        raise InvalidInputError(f"PIXEL_VALUES has dtype {a.dtype}, expected float32")
+    if a.ndim != 4 or a.shape[1:] != (3, image_size, image_size) or a.shape[0] == 0:
+        raise InvalidInputError(f"PIXEL_VALUES has shape {list(a.shape)}, expected [n, 3, {image_size}, {image_size}]")
+    if not np.isfinite(a).all():
+        raise InvalidInputError("PIXEL_VALUES contains NaN or Inf")
+    return a
+
+
+def embed_image_requests(transform: ImageTransform, runtime: Runtime, requests: Sequence[dict[str, np.ndarray]],
+                         limits: ServingLimits = ServingLimits(), max_batch: int = 32) -> list[Result]:
+    """Each request gives exactly one of IMAGE (encoded bytes) or PIXEL_VALUES (preprocessed)
+    -> {"TOKENS" [n, P, D], "LENGTHS" [n, 1] int32, "POOLED" [n, E]} or its error."""
+    results: list[Result | None] = [None] * len(requests)
+    ok: list[tuple[int, np.ndarray]] = []
+    for r, inputs in enumerate(requests):
+        try:
+            given = [k for k in ("IMAGE", "PIXEL_VALUES") if inputs.get(k) is not None]
+            if len(given) != 1:
+                raise InvalidInputError(f"give exactly one of IMAGE (encoded bytes) or PIXEL_VALUES, got {given or 'neither'}")
+            if given[0] == "IMAGE":
+                ok.append((r, decode_images(inputs["IMAGE"], transform, limits)))
+            else:
+                ok.append((r, check_pixels(inputs["PIXEL_VALUES"], transform.image_size)))
+        except FilipError as e:
+            results[r] = e
+    if ok:
+        pixels = np.concatenate([p for _, p in ok])
+        parts = _split_run(runtime, {"pixel_values": pixels}, [len(p) for _, p in ok], max_batch)
+        for (r, _), out in zip(ok, parts):
+            n, p = out["tokens"].shape[:2]
+            results[r] = {"TOKENS": out["tokens"], "LENGTHS": np.full((n, 1), p, np.int32), "POOLED": out["pooled"]}
+    return results  # type: ignore[return-value]
+
+
+# --- scoring -----------------------------------------------------------------------------
+def _tokens_and_lengths(tokens: np.ndarray, lengths: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    if tokens.dtype not in (np.float32, np.float16):
+        raise InvalidInputError(f"{what}_TOKENS has dtype {tokens.dtype}, expected float32 or float16")
+    if tokens.ndim != 3 or 0 in tokens.shape:
+        raise InvalidInputError(f"{what}_TOKENS has shape {list(tokens.shape)}, expected [n, T, D] with n, T, D > 0")
+    if lengths.dtype.kind not in "iu":
+        raise InvalidInputError(f"{what}_LENGTHS has dtype {lengths.dtype}, expected int32")
+    lengths = lengths.reshape(-1)
+    if lengths.shape[0] != tokens.shape[0]:
+        raise InvalidInputError(f"{what}_LENGTHS has {lengths.shape[0]} entries for {tokens.shape[0]} rows of {what}_TOKENS")
+    if not np.isfinite(tokens).all():
+        raise InvalidInputError(f"{what}_TOKENS contains NaN or Inf")
+    return tokens, lengths
+
+
+def score_request(inputs: dict[str, np.ndarray], *, want_alignment: bool = False,
+                  limits: ServingLimits = ServingLimits()) -> Result:
+    """IMAGE_TOKENS/IMAGE_LENGTHS and TEXT_TOKENS/TEXT_LENGTHS -> S_I, S_T [n_img, n_txt]
+    (+ ALIGNMENT [n_img, n_txt, P] int32: each patch's best text token, when asked)."""
+    try:
+        missing = [k for k in ("IMAGE_TOKENS", "IMAGE_LENGTHS", "TEXT_TOKENS", "TEXT_LENGTHS") if inputs.get(k) is None]
+        if missing:
+            raise InvalidInputError(f"missing inputs {missing}")
+        it, il = _tokens_and_lengths(inputs["IMAGE_TOKENS"], inputs["IMAGE_LENGTHS"], "IMAGE")
+        tt, tl = _tokens_and_lengths(inputs["TEXT_TOKENS"], inputs["TEXT_LENGTHS"], "TEXT")
+        if it.shape[0] * tt.shape[0] > limits.max_score_items:
+            raise InvalidInputError(f"{it.shape[0]} x {tt.shape[0]} pairs exceed the limit of {limits.max_score_items} per request")
+        s = late_interaction(it, il, tt, tl)
+        out = {"S_I": s.s_i, "S_T": s.s_t}
+        if want_alignment:
+            amap = np.zeros((it.shape[0], tt.shape[0], it.shape[1]), np.int32)
+            for i in range(it.shape[0]):
+                for j in range(tt.shape[0]):
+                    amap[i, j, :il[i]] = alignment_map(it[i], int(il[i]), tt[j], int(tl[j]))
+            out["ALIGNMENT"] = amap
+        return out
+    except FilipError as e:
+        return e
+
+
+# --- Triton glue ---------------------------------------------------------------------------
+def engine_params(model_config: dict) -> dict[str, str]:
+    """The string parameters of a Triton model config as a plain dict."""
+    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+
+
+def to_triton_responses(pb_utils, results: Sequence[Result]) -> list:
+    """One InferenceResponse per request: outputs, or an INVALID_ARG error for a bad request.
+
+    ``pb_utils`` (Triton's ``triton_python_backend_utils``) is passed in because it only
+    exists inside the Python-backend stub.
+    """
+    responses = []
+    for res in results:
+        if isinstance(res, Exception):
+            err = pb_utils.TritonError(str(res), pb_utils.TritonError.INVALID_ARG)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[], error=err))
+        else:
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in res.items()]))
+    return responses

@@ -1,0 +1,107 @@
+"""Write a complete, servable Triton model repository.
+
+Models (all Python backend; the adapters are the tracked files
+``triton_models/<model>/1/model.py``, thin wrappers over ``engine.serving``):
+
+- ``filip_text``  : TEXT (UTF-8 bytes) -> TOKENS, LENGTHS, POOLED; tokenises on the server and
+                    runs the text tower (ONNX Runtime).
+- ``filip_image`` : IMAGE (encoded JPEG/PNG/WebP/... bytes) or PIXEL_VALUES (preprocessed)
+                    -> TOKENS, LENGTHS, POOLED; decodes + preprocesses on the server.
+- ``filip_score`` : IMAGE_TOKENS/LENGTHS + TEXT_TOKENS/LENGTHS -> S_I, S_T (+ ALIGNMENT).
+
+Each call of the client is one request to one of these models.  ``config.pbtxt`` is
+generated from the checkpoint's config (dimensions), with dynamic batching, instance
+counts and queue delays from :class:`RepoSettings`.  The encoders' ONNX files, the
+tokenizer and the manifest are written into the model's version folder, so the server
+needs nothing else.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.config import FilipConfig
+
+ADAPTERS = Path(__file__).resolve().parent.parent / "triton_models"
+MODELS = ("filip_text", "filip_image", "filip_score")
+
+
+@dataclass(frozen=True)
+class RepoSettings:
+    max_batch: int = 64                  # items per batch the dynamic batcher may form
+    queue_delay_us: int = 2_000          # how long the batcher waits to fill a batch
+    text_instances: int = 1              # model instances (each its own process and ONNX Runtime session)
+    image_instances: int = 1
+    score_instances: int = 1
+    intra_op_threads: int = 0            # ONNX Runtime threads per instance; 0 = all cores
+
+
+def _tensor(name: str, dtype: str, dims: list[int], optional: bool = False) -> str:
+    opt = " optional: true" if optional else ""
+    return f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(map(str, dims))} ]{opt} }}'
+
+
+def _config(name: str, *, max_batch: int, inputs: list[str], outputs: list[str], instances: int,
+            queue_delay_us: int | None, params: dict[str, str]) -> str:
+    lines = [f'name: "{name}"', 'backend: "python"', f"max_batch_size: {max_batch}"]
+    if queue_delay_us is not None and max_batch > 0:
+        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}")
+    lines.append("input [\n" + ",\n".join(inputs) + "\n]")
+    lines.append("output [\n" + ",\n".join(outputs) + "\n]")
+    lines.append(f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]")
+    for k, v in params.items():
+        lines.append(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}')
+    return "\n".join(lines) + "\n"
+
+
+def model_configs(cfg: FilipConfig, s: RepoSettings, logit_scale: float) -> dict[str, str]:
+    """config.pbtxt text per model, from the model config and the settings."""
+    d, e = cfg.token_dim, cfg.embed_dim
+    size, p = cfg.vision.image_size, cfg.vision.num_patches
+    root = {"project_root": str(ADAPTERS.parent)}   # where model.py finds the engine package
+    common = {**root, "intra_op_threads": str(s.intra_op_threads), "max_batch": str(s.max_batch)}
+    embed_out = lambda t: [_tensor("TOKENS", "TYPE_FP32", [t, d]), _tensor("LENGTHS", "TYPE_INT32", [1]),  # noqa: E731
+                           _tensor("POOLED", "TYPE_FP32", [e])]
+    return {
+        "filip_text": _config("filip_text", max_batch=s.max_batch, instances=s.text_instances,
+                              queue_delay_us=s.queue_delay_us, params=common,
+                              inputs=[_tensor("TEXT", "TYPE_STRING", [1])], outputs=embed_out(-1)),
+        "filip_image": _config("filip_image", max_batch=s.max_batch, instances=s.image_instances,
+                               queue_delay_us=s.queue_delay_us, params=common,
+                               inputs=[_tensor("IMAGE", "TYPE_STRING", [1], optional=True),
+                                       _tensor("PIXEL_VALUES", "TYPE_FP32", [3, size, size], optional=True)],
+                               outputs=embed_out(p)),
+        "filip_score": _config("filip_score", max_batch=0, instances=s.score_instances, queue_delay_us=None,
+                               params={**root, "logit_scale": repr(float(logit_scale))},
+                               inputs=[_tensor("IMAGE_TOKENS", "TYPE_FP32", [-1, -1, d]),
+                                       _tensor("IMAGE_LENGTHS", "TYPE_INT32", [-1]),
+                                       _tensor("TEXT_TOKENS", "TYPE_FP32", [-1, -1, d]),
+                                       _tensor("TEXT_LENGTHS", "TYPE_INT32", [-1])],
+                               outputs=[_tensor("S_I", "TYPE_FP32", [-1, -1]), _tensor("S_T", "TYPE_FP32", [-1, -1]),
+                                        _tensor("ALIGNMENT", "TYPE_INT32", [-1, -1, -1])]),
+    }
+
+
+def version_dir(out: Path, model: str) -> Path:
+    """Where a model's artifacts go: ``out/<model>/1`` (image.onnx in filip_image, text.onnx and
+    tokenizer.json in filip_text, the manifest in each)."""
+    d = Path(out) / model / "1"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def write_repository(out: Path, cfg: FilipConfig, *, logit_scale: float,
+                     settings: RepoSettings = RepoSettings()) -> list[Path]:
+    """Write each model's ``config.pbtxt`` and its ``1/model.py`` adapter (copied from this
+    project's ``triton_models/`` unless ``out`` is that folder).  The artifacts must already
+    be in place (see :func:`version_dir`)."""
+    written = []
+    for name, text in model_configs(cfg, settings, logit_scale).items():
+        version = version_dir(out, name)
+        (Path(out) / name / "config.pbtxt").write_text(text)
+        src = ADAPTERS / name / "1" / "model.py"
+        if src.resolve() != (version / "model.py").resolve():
+            shutil.copyfile(src, version / "model.py")
+        written.append(Path(out) / name)
+    return written

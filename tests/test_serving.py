@@ -1,0 +1,115 @@
+"""Server-side batch handlers without a server: per-request isolation, stacking/splitting, limits."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.errors import ImageDecodeError, InvalidInputError, TextInputError
+from engine.interaction_ref import alignment_ref, s_i_ref, s_t_ref
+from engine.pipeline import FilipPipeline
+from engine.serving import (ServingLimits, embed_image_requests, embed_text_requests, score_request)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint):
+    return FilipPipeline.from_checkpoint(tiny_checkpoint)
+
+
+def _texts(*items):
+    return np.array([t.encode() if isinstance(t, str) else t for t in items], dtype=object).reshape(-1, 1)
+
+
+def _png(seed: int, size=(40, 30)) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_text_requests_match_pipeline_and_fail_alone(pipe):
+    reqs = [_texts("a cat", "a dog on a long walk in the park"), _texts(""), _texts("x" * 5000),
+            _texts(b"\xff\xfe broken"), _texts("one more text")]
+    out = embed_text_requests(pipe.tokenizer, pipe.text_runtime, reqs)
+    assert isinstance(out[1], TextInputError) and "empty" in str(out[1])
+    assert isinstance(out[2], TextInputError) and "5000 characters" in str(out[2])
+    assert isinstance(out[3], TextInputError) and "UTF-8" in str(out[3])
+    for r, texts in ((0, ["a cat", "a dog on a long walk in the park"]), (4, ["one more text"])):
+        want = pipe.embed_texts(texts)
+        got = out[r]
+        assert got["TOKENS"].shape == want.tokens.shape          # each request keeps its own padding
+        assert np.abs(got["TOKENS"] - want.tokens).max() < 1e-5
+        assert np.abs(got["POOLED"] - want.pooled).max() < 1e-5
+        assert np.array_equal(got["LENGTHS"][:, 0], want.lengths)
+
+
+def test_text_requests_chunked_equals_whole(pipe):
+    reqs = [_texts(*[f"caption number {i}" for i in range(k)]) for k in (1, 5, 3)]
+    a = embed_text_requests(pipe.tokenizer, pipe.text_runtime, reqs, max_batch=2)
+    b = embed_text_requests(pipe.tokenizer, pipe.text_runtime, reqs, max_batch=64)
+    for x, y in zip(a, b):
+        assert np.abs(x["TOKENS"] - y["TOKENS"]).max() < 1e-5
+
+
+def test_text_limits():
+    from engine.serving import decode_texts
+    with pytest.raises(TextInputError, match="limit is 2"):
+        decode_texts(_texts("a", "b", "c"), ServingLimits(max_items_per_request=2))
+    with pytest.raises(TextInputError, match="no texts"):
+        decode_texts(np.array([], dtype=object), ServingLimits())
+
+
+def test_image_requests_fail_alone(pipe):
+    good = [_png(0), _png(1, (64, 20))]
+    pixels = pipe.transform.batch([_png(2)])
+    reqs = [{"IMAGE": np.array(good, dtype=object).reshape(-1, 1)},
+            {"IMAGE": np.array([b"not an image"], dtype=object)},
+            {"IMAGE": np.array([b""], dtype=object)},
+            {"PIXEL_VALUES": pixels},
+            {"PIXEL_VALUES": pixels.astype(np.float64)},
+            {"PIXEL_VALUES": pixels[:, :, :16]},
+            {},
+            {"IMAGE": np.array([_png(3)], dtype=object), "PIXEL_VALUES": pixels}]
+    out = embed_image_requests(pipe.transform, pipe.image_runtime, reqs, max_batch=2)
+    want = pipe.embed_images(good)
+    assert np.abs(out[0]["TOKENS"] - want.tokens).max() < 1e-5
+    assert np.abs(out[3]["POOLED"] - pipe.embed_images([_png(2)]).pooled).max() < 1e-5
+    assert isinstance(out[1], ImageDecodeError) and isinstance(out[2], ImageDecodeError)
+    assert "float32" in str(out[4]) and "expected [n, 3, 32, 32]" in str(out[5])
+    assert "exactly one" in str(out[6]) and "exactly one" in str(out[7])
+    assert out[0]["LENGTHS"].tolist() == [[16], [16]]
+
+
+def test_score_request_matches_reference():
+    rng = np.random.default_rng(0)
+    it = rng.standard_normal((3, 16, 8)).astype(np.float32)
+    it /= np.linalg.norm(it, axis=-1, keepdims=True)
+    tt = rng.standard_normal((2, 9, 8)).astype(np.float32)
+    tt /= np.linalg.norm(tt, axis=-1, keepdims=True)
+    il, tl = np.array([16, 16, 16], np.int32), np.array([9, 4], np.int32)
+    tt[1, 4:] = 0
+    out = score_request({"IMAGE_TOKENS": it, "IMAGE_LENGTHS": il, "TEXT_TOKENS": tt, "TEXT_LENGTHS": tl}, want_alignment=True)
+    for i in range(3):
+        for j in range(2):
+            x, y = it[i, :il[i]].astype(np.float64), tt[j, :tl[j]].astype(np.float64)
+            assert abs(out["S_I"][i, j] - s_i_ref(x, y)) < 1e-5
+            assert abs(out["S_T"][i, j] - s_t_ref(x, y)) < 1e-5
+            assert np.array_equal(out["ALIGNMENT"][i, j], alignment_ref(x, y))
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"IMAGE_TOKENS": None}, "missing inputs \\['IMAGE_TOKENS'\\]"),
+    ({"TEXT_LENGTHS": np.array([3], np.int32)}, "1 entries for 2 rows"),
+    ({"IMAGE_TOKENS": np.zeros((1, 4, 8), np.int32)}, "dtype int32"),
+    ({"TEXT_TOKENS": np.zeros((2, 8), np.float32)}, "expected \\[n, T, D\\]"),
+    ({"TEXT_LENGTHS": np.array([3, 9], np.int32)}, "length"),
+])
+def test_score_request_errors(change, match):
+    inputs = {"IMAGE_TOKENS": np.ones((1, 4, 8), np.float32), "IMAGE_LENGTHS": np.array([4], np.int32),
+              "TEXT_TOKENS": np.ones((2, 5, 8), np.float32), "TEXT_LENGTHS": np.array([3, 5], np.int32)}
+    inputs.update(change)
+    err = score_request(inputs)
+    assert isinstance(err, InvalidInputError), err
+    assert __import__("re").search(match, str(err)), str(err)
