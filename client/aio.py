@@ -27,7 +27,7 @@ class AsyncFilipClient:
         self._grpc = grpc_aio.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates,
                                                     private_key=private_key, certificate_chain=certificate_chain)
         self._sem: asyncio.Semaphore | None = None
-        self._scale: float | None = None
+        self._configs: dict[str, dict] = {}
 
     async def _call(self, model: str, inputs: list, outputs: Sequence[str], timeout: float | None, what: str):
         if self._sem is None:
@@ -39,6 +39,19 @@ class AsyncFilipClient:
                                               headers=self.headers)
             except Exception as e:
                 raise from_triton(e, what) from e
+
+    async def _config(self, model: str) -> dict:
+        if model not in self._configs:
+            try:
+                cfg = await self._grpc.get_model_config(model, as_json=True, client_timeout=self.timeout, headers=self.headers)
+            except Exception as e:
+                raise from_triton(e, f"model config of {model}") from e
+            self._configs[model] = cfg["config"]
+        return self._configs[model]
+
+    async def _spans(self, model: str, n: int, batch_size: int) -> list[tuple[int, int]]:
+        P.chunks(n, batch_size)
+        return P.chunks(n, min(batch_size, int((await self._config(model)).get("max_batch_size", 0)) or batch_size))
 
     async def _map(self, fn: Callable[[int, int], Awaitable[Embeddings]], spans, progress: bool, desc: str) -> list:
         bar = _progress(progress, sum(b - a for a, b in spans), desc)
@@ -61,7 +74,7 @@ class AsyncFilipClient:
             res = await self._call(P.TEXT_MODEL, P.text_inputs(grpc, texts[a:b]), P.EMBED_OUTPUTS, timeout, f"texts {a}..{b - 1}")
             return P.parse_embeddings(res, P.TEXT_MODEL)
 
-        return Embeddings.concat(await self._map(one, P.chunks(len(texts), batch_size), progress, "texts"))
+        return Embeddings.concat(await self._map(one, await self._spans(P.TEXT_MODEL, len(texts), batch_size), progress, "texts"))
 
     async def embed_images(self, images: Sequence[P.ImageLike], *, batch_size: int = 16, timeout: float | None = None,
                            progress: bool = False) -> Embeddings:
@@ -72,7 +85,7 @@ class AsyncFilipClient:
             res = await self._call(P.IMAGE_MODEL, P.image_inputs(grpc, blobs[a:b]), P.EMBED_OUTPUTS, timeout, f"images {a}..{b - 1}")
             return P.parse_embeddings(res, P.IMAGE_MODEL)
 
-        return Embeddings.concat(await self._map(one, P.chunks(len(blobs), batch_size), progress, "images"))
+        return Embeddings.concat(await self._map(one, await self._spans(P.IMAGE_MODEL, len(blobs), batch_size), progress, "images"))
 
     async def score(self, images: Embeddings, texts: Embeddings, *, direction: str = "i2t",
                     timeout: float | None = None) -> np.ndarray:
@@ -102,13 +115,7 @@ class AsyncFilipClient:
         return amap.reshape(g, g) if g * g == amap.shape[0] else amap
 
     async def logit_scale(self) -> float:
-        if self._scale is None:
-            try:
-                cfg = await self._grpc.get_model_config(P.SCORE_MODEL, as_json=True, client_timeout=self.timeout, headers=self.headers)
-            except Exception as e:
-                raise from_triton(e, "model config") from e
-            self._scale = float(cfg["config"]["parameters"]["logit_scale"]["string_value"])
-        return self._scale
+        return float((await self._config(P.SCORE_MODEL))["parameters"]["logit_scale"]["string_value"])
 
     async def health(self, *, timeout: float | None = None) -> Health:
         t = self.timeout if timeout is None else timeout

@@ -37,7 +37,7 @@ class FilipClient:
         self._grpc = grpc.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates,
                                                 private_key=private_key, certificate_chain=certificate_chain)
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="filip-client")
-        self._scale: float | None = None
+        self._configs: dict[str, dict] = {}
 
     # --- plumbing ------------------------------------------------------------------------
     def _call(self, model: str, inputs: list, outputs: Sequence[str], timeout: float | None, what: str):
@@ -46,6 +46,21 @@ class FilipClient:
                                     client_timeout=self.timeout if timeout is None else timeout, headers=self.headers)
         except Exception as e:  # InferenceServerException and gRPC errors
             raise from_triton(e, what) from e
+
+    def _config(self, model: str) -> dict:
+        """The served model's config (cached): its max batch size and parameters."""
+        if model not in self._configs:
+            try:
+                self._configs[model] = self._grpc.get_model_config(model, as_json=True, client_timeout=self.timeout,
+                                                                   headers=self.headers)["config"]
+            except Exception as e:
+                raise from_triton(e, f"model config of {model}") from e
+        return self._configs[model]
+
+    def _spans(self, model: str, n: int, batch_size: int) -> list[tuple[int, int]]:
+        """Request spans of at most ``batch_size`` items and never more than the server accepts."""
+        P.chunks(n, batch_size)  # validates batch_size
+        return P.chunks(n, min(batch_size, int(self._config(model).get("max_batch_size", 0)) or batch_size))
 
     def _map(self, fn: Callable[[int, int], Embeddings], spans: list[tuple[int, int]], progress: bool, desc: str) -> list:
         bar = _progress(progress, sum(b - a for a, b in spans), desc)
@@ -72,7 +87,7 @@ class FilipClient:
             res = self._call(P.TEXT_MODEL, P.text_inputs(grpc, texts[a:b]), P.EMBED_OUTPUTS, timeout, f"texts {a}..{b - 1}")
             return P.parse_embeddings(res, P.TEXT_MODEL)
 
-        return Embeddings.concat(self._map(one, P.chunks(len(texts), batch_size), progress, "texts"))
+        return Embeddings.concat(self._map(one, self._spans(P.TEXT_MODEL, len(texts), batch_size), progress, "texts"))
 
     def embed_images(self, images: Sequence[P.ImageLike], *, batch_size: int = 16, timeout: float | None = None,
                      progress: bool = False) -> Embeddings:
@@ -83,7 +98,7 @@ class FilipClient:
             res = self._call(P.IMAGE_MODEL, P.image_inputs(grpc, blobs[a:b]), P.EMBED_OUTPUTS, timeout, f"images {a}..{b - 1}")
             return P.parse_embeddings(res, P.IMAGE_MODEL)
 
-        return Embeddings.concat(self._map(one, P.chunks(len(blobs), batch_size), progress, "images"))
+        return Embeddings.concat(self._map(one, self._spans(P.IMAGE_MODEL, len(blobs), batch_size), progress, "images"))
 
     def score(self, images: Embeddings, texts: Embeddings, *, direction: str = "i2t",
               timeout: float | None = None) -> np.ndarray:
@@ -120,13 +135,7 @@ class FilipClient:
 
     def logit_scale(self) -> float:
         """The model's similarity multiplier (exp of its logit scale), from the served config."""
-        if self._scale is None:
-            try:
-                cfg = self._grpc.get_model_config(P.SCORE_MODEL, as_json=True, client_timeout=self.timeout, headers=self.headers)
-            except Exception as e:
-                raise from_triton(e, "model config") from e
-            self._scale = float(cfg["config"]["parameters"]["logit_scale"]["string_value"])
-        return self._scale
+        return float(self._config(P.SCORE_MODEL)["parameters"]["logit_scale"]["string_value"])
 
     def health(self, *, timeout: float | None = None) -> Health:
         """Server liveness/readiness and each FILIP model's readiness."""

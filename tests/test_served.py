@@ -96,8 +96,6 @@ def test_batching_and_concurrency_invariance(served, client):
         threaded = list(ex.map(lambda t: client.embed_texts([t]), texts))
     for i, t in enumerate(threaded):
         n = whole.lengths[i]
-        for other in (ones, t if False else None):
-            pass
         assert t.lengths[0] == n
         assert np.abs(t.tokens[0, :n] - whole.tokens[i, :n]).max() < 1e-5
         assert np.abs(ones.tokens[i, :n] - whole.tokens[i, :n]).max() < 1e-5
