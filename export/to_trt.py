@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", choices=["quick_gelu", "gelu"], default=None,
                    help="MLP activation of a foreign (OpenCLIP/DeCLIP) state dict: quick_gelu (OpenAI CLIP, DeCLIP; "
                         "the default) or gelu (OpenCLIP's LAION models); native checkpoints carry their own")
+    p.add_argument("--instances", type=int, default=1,
+                   help="Triton instances per encoder model (each a process with its own ONNX Runtime session; default 1)")
+    p.add_argument("--queue-delay-us", type=int, default=2000,
+                   help="dynamic batching: how long Triton waits to fill a batch, in microseconds (default 2000)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= {MIN_OPSET}, default {DEFAULT_OPSET})")
     return p
 
@@ -70,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     if args.max_batch < 1:
         raise FilipError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if args.instances < 1 or args.queue_delay_us < 0:
+        raise FilipError(f"--instances must be >= 1 and --queue-delay-us >= 0, got {args.instances} and {args.queue_delay_us}")
     trt_ok, trt_why = tensorrt_available()
     if args.runtime == "tensorrt":
         if not trt_ok:
@@ -113,7 +119,8 @@ def _run(args) -> int:
         print(f"      TensorRT engines ({args.precision}): skipped (the TensorRT build stage is not implemented yet)")
     else:
         print(f"      TensorRT engines: skipped ({trt_why or '--runtime onnxruntime'}); ONNX Runtime serves the encoders")
-    settings = RepoSettings(max_batch=args.max_batch)
+    settings = RepoSettings(max_batch=args.max_batch, queue_delay_us=args.queue_delay_us,
+                            text_instances=args.instances, image_instances=args.instances)
     models = write_repository(out, cfg, logit_scale=ckpt.model.similarity_scale(), settings=settings)
     print(f"[5/5] Triton model repository {out}: {', '.join(m.name for m in models)} "
           f"(max batch {settings.max_batch}, queue delay {settings.queue_delay_us} us); "

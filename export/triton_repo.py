@@ -18,6 +18,7 @@ needs nothing else.
 from __future__ import annotations
 
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def _tensor(name: str, dtype: str, dims: list[int], optional: bool = False) -> s
 
 
 def _config(name: str, *, max_batch: int, inputs: list[str], outputs: list[str], instances: int,
-            queue_delay_us: int | None, params: dict[str, str]) -> str:
+            queue_delay_us: int | None, params: dict[str, str], warmup: str | None = None) -> str:
     lines = [f'name: "{name}"', 'backend: "python"', f"max_batch_size: {max_batch}"]
     if queue_delay_us is not None and max_batch > 0:
         lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}")
@@ -52,7 +53,20 @@ def _config(name: str, *, max_batch: int, inputs: list[str], outputs: list[str],
     lines.append(f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]")
     for k, v in params.items():
         lines.append(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}')
+    if warmup:
+        lines.append(warmup)
     return "\n".join(lines) + "\n"
+
+
+# Triton's model_warmup runs these at load, before the model reports ready, so the first user
+# request does not pay for ONNX Runtime's first-run allocations.  A BYTES input is read from a
+# file in the model's warmup/ folder: each element a 4-byte little-endian length + the bytes.
+WARMUP_TEXT = b"a photo of a cat"
+
+
+def _warmup(input_block: str) -> str:
+    return f'model_warmup [ {{ name: "warmup" batch_size: 1 inputs {{ {input_block} }} }} ]'
+
 
 
 def model_configs(cfg: FilipConfig, s: RepoSettings, logit_scale: float) -> dict[str, str]:
@@ -66,9 +80,11 @@ def model_configs(cfg: FilipConfig, s: RepoSettings, logit_scale: float) -> dict
     return {
         "filip_text": _config("filip_text", max_batch=s.max_batch, instances=s.text_instances,
                               queue_delay_us=s.queue_delay_us, params=common,
+                              warmup=_warmup('key: "TEXT" value: { data_type: TYPE_STRING dims: [ 1 ] input_data_file: "text" }'),
                               inputs=[_tensor("TEXT", "TYPE_STRING", [1])], outputs=embed_out(-1)),
         "filip_image": _config("filip_image", max_batch=s.max_batch, instances=s.image_instances,
                                queue_delay_us=s.queue_delay_us, params=common,
+                               warmup=_warmup(f'key: "PIXEL_VALUES" value: {{ data_type: TYPE_FP32 dims: [ 3, {size}, {size} ] zero_data: true }}'),
                                inputs=[_tensor("IMAGE", "TYPE_STRING", [1], optional=True),
                                        _tensor("PIXEL_VALUES", "TYPE_FP32", [3, size, size], optional=True)],
                                outputs=embed_out(p)),
@@ -100,6 +116,9 @@ def write_repository(out: Path, cfg: FilipConfig, *, logit_scale: float,
     for name, text in model_configs(cfg, settings, logit_scale).items():
         version = version_dir(out, name)
         (Path(out) / name / "config.pbtxt").write_text(text)
+        if name == "filip_text":
+            (Path(out) / name / "warmup").mkdir(exist_ok=True)
+            (Path(out) / name / "warmup" / "text").write_bytes(struct.pack("<I", len(WARMUP_TEXT)) + WARMUP_TEXT)
         src = ADAPTERS / name / "1" / "model.py"
         if src.resolve() != (version / "model.py").resolve():
             shutil.copyfile(src, version / "model.py")
