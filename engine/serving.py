@@ -8,15 +8,19 @@ the others.  They are plain functions so they are unit-tested without a server.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from .artifacts import read_manifest
 from .errors import FilipError, InvalidInputError, TextInputError
 from .interaction import alignment_map, late_interaction
+from .io_spec import tower_spec
 from .preprocess import ImageTransform
-from .runtime import Runtime
+from .runtime import OnnxRuntime, Runtime
 from .tokenizer import ClipTokenizer
 
 Result = dict[str, np.ndarray] | FilipError
@@ -189,9 +193,59 @@ def score_request(inputs: dict[str, np.ndarray], *, want_alignment: bool = False
 
 
 # --- Triton glue ---------------------------------------------------------------------------
-def engine_params(model_config: dict) -> dict[str, str]:
-    """The string parameters of a Triton model config as a plain dict."""
-    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+def triton_context(args: dict) -> tuple[Path, dict[str, str]]:
+    """From the ``args`` Triton passes to ``initialize``: the model's version folder (where its
+    artifacts are) and the config's string parameters."""
+    config = json.loads(args["model_config"])
+    params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+    return Path(args["model_repository"]) / str(args["model_version"]), params
+
+
+class TextEndpoint:
+    """filip_text: tokenizer + text tower on ONNX Runtime, built once from the version folder."""
+
+    def __init__(self, version_dir: Path, params: dict[str, str], limits: ServingLimits = ServingLimits()):
+        cfg, _ = read_manifest(version_dir)
+        self.max_batch, self.limits = int(params.get("max_batch", "64")), limits
+        self.tokenizer = ClipTokenizer.from_file(version_dir / "tokenizer.json", vocab_size=cfg.text.vocab_size,
+                                                 context_length=cfg.text.context_length)
+        self.runtime = OnnxRuntime(version_dir / "text.onnx", tower_spec(cfg, "text"),
+                                   intra_op_threads=int(params.get("intra_op_threads", "0")) or None)
+
+    def __call__(self, texts: Sequence[np.ndarray]) -> list[Result]:
+        return embed_text_requests(self.tokenizer, self.runtime, texts, self.limits, self.max_batch)
+
+
+class ImageEndpoint:
+    """filip_image: decoder/transform + image tower on ONNX Runtime."""
+
+    def __init__(self, version_dir: Path, params: dict[str, str], limits: ServingLimits = ServingLimits()):
+        cfg, _ = read_manifest(version_dir)
+        self.max_batch, self.limits = int(params.get("max_batch", "64")), limits
+        self.transform = ImageTransform(cfg.vision.image_size, max_pixels=limits.max_image_pixels,
+                                        max_bytes=limits.max_image_bytes)
+        self.runtime = OnnxRuntime(version_dir / "image.onnx", tower_spec(cfg, "image"),
+                                   intra_op_threads=int(params.get("intra_op_threads", "0")) or None)
+
+    def __call__(self, requests: Sequence[dict[str, np.ndarray | None]]) -> list[Result]:
+        return embed_image_requests(self.transform, self.runtime, requests, self.limits, self.max_batch)
+
+
+class ScoreEndpoint:
+    """filip_score: late interaction between given embeddings (ALIGNMENT only when requested)."""
+
+    def __init__(self, version_dir: Path | None = None, params: dict[str, str] | None = None,
+                 limits: ServingLimits = ServingLimits()):
+        self.limits = limits
+
+    def __call__(self, requests: Sequence[tuple[dict[str, np.ndarray | None], Sequence[str]]]) -> list[Result]:
+        results: list[Result] = []
+        for inputs, wanted in requests:
+            res = score_request(inputs, want_alignment="ALIGNMENT" in wanted, limits=self.limits)
+            if isinstance(res, dict) and wanted:
+                res = {k: v for k, v in res.items() if k in wanted}
+            results.append(res)
+        return results
 
 
 def to_triton_responses(pb_utils, results: Sequence[Result]) -> list:

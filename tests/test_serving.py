@@ -113,3 +113,31 @@ def test_score_request_errors(change, match):
     err = score_request(inputs)
     assert isinstance(err, InvalidInputError), err
     assert __import__("re").search(match, str(err)), str(err)
+
+
+def test_endpoints_from_triton_args(tiny_checkpoint, tmp_path, pipe):
+    """What each model.py does in initialize/execute, without a server."""
+    import json
+    from engine.serving import ImageEndpoint, ScoreEndpoint, TextEndpoint, triton_context
+    from export.to_trt import main as export_main
+    repo = tmp_path / "repo"
+    assert export_main([str(tiny_checkpoint), "--out", str(repo)]) == 0
+
+    def args(model):
+        cfg = (repo / model / "config.pbtxt").read_text()
+        params = dict(__import__("re").findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', cfg))
+        return {"model_config": json.dumps({"parameters": {k: {"string_value": v} for k, v in params.items()}}),
+                "model_repository": str(repo / model), "model_version": "1"}
+
+    text = TextEndpoint(*triton_context(args("filip_text")))
+    image = ImageEndpoint(*triton_context(args("filip_image")))
+    score = ScoreEndpoint(*triton_context(args("filip_score")))
+    t = text([_texts("a cat"), _texts("")])
+    assert isinstance(t[1], TextInputError)
+    assert np.abs(t[0]["POOLED"] - pipe.embed_texts(["a cat"]).pooled).max() < 1e-5
+    i = image([{"IMAGE": np.array([_png(0)], dtype=object), "PIXEL_VALUES": None}])
+    assert np.abs(i[0]["POOLED"] - pipe.embed_images([_png(0)]).pooled).max() < 1e-5
+    inputs = {"IMAGE_TOKENS": i[0]["TOKENS"], "IMAGE_LENGTHS": i[0]["LENGTHS"][:, 0],
+              "TEXT_TOKENS": t[0]["TOKENS"], "TEXT_LENGTHS": t[0]["LENGTHS"][:, 0]}
+    only_si, everything = score([(inputs, ["S_I"]), (inputs, [])])
+    assert set(only_si) == {"S_I"} and set(everything) == {"S_I", "S_T"}
