@@ -57,10 +57,13 @@ class TritonServer:
         raise RuntimeError(f"tritonserver not ready after {self.ready_timeout} s:\n{self.tail()}")
 
     def tail(self, n: int = 4000) -> str:
+        """The server's error lines (model load failures first), else the end of its log."""
         try:
-            return self.log.read_text(errors="replace")[-n:]
+            text = self.log.read_text(errors="replace")
         except OSError:
             return ""
+        errors = [ln for ln in text.splitlines() if "failed to load" in ln or "Failed to initialize Python stub" in ln]
+        return "\n".join(errors)[-n:] if errors else text[-n:]
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -63,6 +63,8 @@ class FilipClient:
         return P.chunks(n, min(batch_size, int(self._config(model).get("max_batch_size", 0)) or batch_size))
 
     def _map(self, fn: Callable[[int, int], Embeddings], spans: list[tuple[int, int]], progress: bool, desc: str) -> list:
+        if len(spans) == 1 and not progress:   # one request: send it from the caller's thread
+            return [fn(*spans[0])]
         bar = _progress(progress, sum(b - a for a, b in spans), desc)
         futures = [self._pool.submit(fn, a, b) for a, b in spans]
         try:

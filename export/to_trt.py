@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the default) or gelu (OpenCLIP's LAION models); native checkpoints carry their own")
     p.add_argument("--instances", type=int, default=1,
                    help="Triton instances per encoder model (each a process with its own ONNX Runtime session; default 1)")
-    p.add_argument("--queue-delay-us", type=int, default=2000,
-                   help="dynamic batching: how long Triton waits to fill a batch, in microseconds (default 2000)")
+    p.add_argument("--queue-delay-us", type=int, default=500,
+                   help="dynamic batching: how long Triton waits to fill a batch, in microseconds (default 500)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= {MIN_OPSET}, default {DEFAULT_OPSET})")
     return p
 

@@ -31,7 +31,7 @@ MODELS = ("filip_text", "filip_image", "filip_score")
 @dataclass(frozen=True)
 class RepoSettings:
     max_batch: int = 64                  # items per batch the dynamic batcher may form
-    queue_delay_us: int = 2_000          # how long the batcher waits to fill a batch
+    queue_delay_us: int = 500            # how long the batcher waits to fill a batch (500 us: see docs/BENCHMARKS.md)
     text_instances: int = 1              # model instances (each its own process and ONNX Runtime session)
     image_instances: int = 1
     score_instances: int = 1
