@@ -251,8 +251,8 @@ def plot(points: list[Point], path: Path) -> None:
             pts = sorted((p for p in points if p.workload == w and p.mode == mode and p.batch == batch),
                          key=lambda p: p.concurrency)
             c = [p.concurrency for p in pts]
-            for q, style in (("p50", "-o"), ("p99", "--x")):
-                axes[0][col].plot(c, [getattr(p.stats, q) for p in pts], style, label=f"{mode} b{batch} {q}")
+            (line,) = axes[0][col].plot(c, [p.stats.p50 for p in pts], "-o", label=f"{mode} b{batch} p50")
+            axes[0][col].plot(c, [p.stats.p99 for p in pts], "--x", color=line.get_color(), label=f"{mode} b{batch} p99")
             axes[1][col].plot(c, [p.stats.throughput for p in pts], "-o", label=f"{mode} b{batch}")
         axes[0][col].set(title=f"{w}: latency", xlabel="concurrency", ylabel="ms")
         axes[1][col].set(title=f"{w}: throughput", xlabel="concurrency", ylabel="items/s")

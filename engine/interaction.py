@@ -26,6 +26,11 @@ from .errors import InvalidInputError
 
 DEFAULT_MAX_CHUNK_BYTES = 256 * 1024 * 1024
 _BLOCK_COPIES = 3   # the fp32 similarity block + two masked copies alive at once
+# The fp32 copy of an image chunk is kept cache-sized: converting a whole fp16 gallery at once
+# streams it through memory three times (read fp16, write fp32, read fp32); 4 MiB chunks
+# convert and multiply in cache.  Measured on the 2-core machine, 20,000 B/32 fp16 images x
+# one 16-token query: 669 ms unchunked vs 150-200 ms with 4 MiB chunks (docs/BENCHMARKS.md).
+_IMAGE_CHUNK_BYTES = 4 * 1024 * 1024
 
 # A CLIP-style prompt ensemble (a subset of OpenAI's ImageNet templates).
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -63,12 +68,16 @@ def _as_lengths(a, n: int, t: int, what: str, device) -> torch.Tensor:
     return arr.to(device)
 
 
-def plan_chunks(n_img: int, t_img: int, n_txt: int, t_txt: int, max_chunk_bytes: int) -> tuple[int, int]:
-    """(images per chunk, texts per chunk) so that the block and its masked copies fit."""
+def plan_chunks(n_img: int, t_img: int, n_txt: int, t_txt: int, max_chunk_bytes: int,
+                dim: int = 0) -> tuple[int, int]:
+    """(images per chunk, texts per chunk) so that the block and its masked copies fit in
+    ``max_chunk_bytes``, and the fp32 image chunk (``dim`` given) stays cache-sized."""
     per_pair = _BLOCK_COPIES * 4 * t_img * t_txt
     budget = max(1, max_chunk_bytes // per_pair)           # pairs per block
     cj = max(1, min(n_txt, budget))
     ci = max(1, min(n_img, budget // cj))
+    if dim:
+        ci = min(ci, max(1, _IMAGE_CHUNK_BYTES // (4 * t_img * dim)))
     return ci, cj
 
 
@@ -88,7 +97,8 @@ def late_interaction(img_tokens, img_lengths, txt_tokens, txt_lengths, *,
     img_full = bool(img_valid.all())
     s_i = torch.empty(ni, nt, dtype=torch.float32, device=device)
     s_t = torch.empty(ni, nt, dtype=torch.float32, device=device)
-    ci, cj = plan_chunks(ni, t1, nt, t2, max_chunk_bytes)
+    # only a gallery that needs converting (fp16/bf16) benefits from cache-sized image chunks
+    ci, cj = plan_chunks(ni, t1, nt, t2, max_chunk_bytes, dim=0 if it.dtype == torch.float32 else d)
     neg_inf = float("-inf")
     with torch.inference_mode():
         for a in range(0, ni, ci):

@@ -1,0 +1,194 @@
+"""Write docs/BENCHMARKS.md: every figure measured by this one script, on this machine, in
+one run (ratios side by side; these machines are shared and noisy).
+
+    python -m client.bench_report [--out docs/BENCHMARKS.md] [--workdir build/bench] [--preset ViT-B-32]
+
+1. PyTorch eager vs ONNX Runtime, both towers, batch 1 and 8 (interleaved repetitions).
+2. Served vs in-process (the latency benchmark, image and text, concurrency 1 and 8).
+3. The in-process scorer: a 20,000-image gallery against one 16-token query, as gallery
+   bytes/s against the measured memory-copy bandwidth, and as FLOP/s.
+Imports the engine (torch) lazily, like the benchmark's in-process side.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def machine() -> list[str]:
+    import onnxruntime
+    import torch
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    mem = next((ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")), "0")
+    return [f"- CPU: {cpu}, {os.cpu_count()} cores; memory {int(mem) / 2**20:.1f} GiB; {platform.platform()}",
+            f"- Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"onnxruntime {onnxruntime.__version__}, numpy {np.__version__}, tritonclient {importlib.metadata.version('tritonclient')}, "
+            f"Triton server 2.51 (nvidia-pytriton 0.7.0)"]
+
+
+def timed(fn, reps: int) -> float:
+    """Median seconds of ``reps`` calls after one warm-up call."""
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def towers(ckpt: Path, repo: Path, reps: int) -> tuple[list[str], dict]:
+    from engine.checkpoint import load_checkpoint
+    from engine.io_spec import tower_spec
+    from engine.runtime import OnnxRuntime, TorchRuntime
+    from export.to_onnx import _example_inputs
+    ck = load_checkpoint(ckpt)
+    cfg = ck.config
+    rows, ratios = [], {}
+    for tower, path in (("image", repo / "filip_image/1/image.onnx"), ("text", repo / "filip_text/1/text.onnx")):
+        spec = tower_spec(cfg, tower)
+        torch_rt, ort_rt = TorchRuntime(ck.model, spec), OnnxRuntime(path, spec)
+        for b in (1, 8):
+            feeds = _example_inputs(cfg, spec, b, 16, seed=b)      # text: 16 tokens, a typical caption
+            t_torch, t_ort = [], []
+            for _ in range(3):                                     # interleave the two, three rounds
+                t_torch.append(timed(lambda: torch_rt.infer(feeds), reps))
+                t_ort.append(timed(lambda: ort_rt.infer(feeds), reps))
+            tt, to = min(t_torch), min(t_ort)
+            ratios[(tower, b)] = tt / to
+            rows.append(f"| {tower} | {b} | {tt * 1e3:.1f} | {b / tt:.1f} | {to * 1e3:.1f} | {b / to:.1f} | {tt / to:.2f}x |")
+    return rows, ratios
+
+
+def memcpy_bandwidth(nbytes: int = 512 * 2**20) -> float:
+    src = np.ones(nbytes, np.uint8)
+    dst = np.empty_like(src)
+    t = timed(lambda: np.copyto(dst, src), 5)
+    return nbytes / t          # bytes copied per second (each byte read once and written once)
+
+
+def scorer(n: int = 20_000, query_tokens: int = 16) -> tuple[list[str], dict]:
+    import torch
+    from engine.interaction import late_interaction
+    rng = np.random.default_rng(0)
+    rows, out = [], {}
+    bw = memcpy_bandwidth()
+    out["memcpy"] = bw
+    q = rng.standard_normal((1, query_tokens, 256)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=-1, keepdims=True)
+    for dtype in (np.float16, np.float32):
+        g = rng.standard_normal((n, 49, 256), dtype=np.float32)
+        g /= np.linalg.norm(g, axis=-1, keepdims=True)
+        g = g.astype(dtype)
+        lengths = np.full(n, 49, np.int32)
+        t = timed(lambda: late_interaction(g, lengths, q, [query_tokens]), 5)
+        flops = 2 * query_tokens * 49 * 256 * n
+        out[np.dtype(dtype).name] = (g.nbytes / t, g.nbytes / t / bw)
+        rows.append(f"| {np.dtype(dtype).name} | {g.nbytes / 2**20:.0f} MiB | {t * 1e3:.0f} ms | {g.nbytes / t / 1e9:.2f} GB/s | "
+                    f"{100 * g.nbytes / t / bw:.0f}% | {flops / t / 1e9:.1f} GFLOP/s |")
+        del g
+    rows.append(f"\nMeasured memory-copy bandwidth (np.copyto of 512 MiB, bytes copied per second): {bw / 1e9:.2f} GB/s; "
+                f"torch uses {torch.get_num_threads()} threads.")
+    return rows, out
+
+
+def served(repo: Path, tmp: Path) -> tuple[list[str], dict]:
+    import json
+    from .bench import main as bench_main
+    js = tmp / "bench.json"
+    bench_main(["--repository", str(repo), "--workloads", "image,text", "--concurrency", "1,8", "--batch", "1",
+                "--window", "2", "--max-time", "16", "--in-process", "--json", str(js), "--plot", str(tmp / "bench.png")])
+    pts = json.loads(js.read_text())
+    # in-process batch 8 for the throughput target
+    bench_main(["--repository", str(repo), "--workloads", "image,text", "--concurrency", "1", "--batch", "8",
+                "--window", "2", "--max-time", "16", "--in-process", "--json", str(tmp / "bench8.json")])
+    pts += [p for p in json.loads((tmp / "bench8.json").read_text()) if p["mode"] == "in-process"]
+    rows = []
+    for p in pts:
+        s, v = p["stats"], p["server"]
+        rows.append(f"| {p['workload']} | {p['mode']} | {p['concurrency']} | {p['batch']} | {s['throughput']:.1f} | "
+                    f"{s['p50']:.1f} | {s['p90']:.1f} | {s['p99']:.1f} | {s['errors']} | "
+                    f"{v.get('queue_ms', float('nan')):.2f} | {v.get('compute_infer_ms', float('nan')):.1f} | "
+                    f"{v.get('realised_batch', float('nan')):.2f} |")
+    return rows, {(p["workload"], p["mode"], p["concurrency"], p["batch"]): p["stats"] for p in pts}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m client.bench_report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("docs/BENCHMARKS.md"))
+    p.add_argument("--workdir", type=Path, default=Path("build/bench"))
+    p.add_argument("--preset", default="ViT-B-32")
+    p.add_argument("--reps", type=int, default=10)
+    args = p.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    ckpt, repo = args.workdir / f"filip-{args.preset}.pt", args.workdir / "triton_models"
+    if not ckpt.is_file():
+        subprocess.run([sys.executable, "-m", "engine.checkpoint", "init", "--preset", args.preset, "--out", str(ckpt)], check=True)
+    subprocess.run([sys.executable, "export/to_trt.py", str(ckpt), "--out", str(repo)], check=True, stdout=subprocess.DEVNULL)
+    t0 = time.time()
+    head = machine()
+    print("\n".join(head), flush=True)
+    tower_rows, ratios = towers(ckpt, repo, args.reps)
+    print("\n".join(tower_rows), flush=True)
+    served_rows, st = served(repo, args.workdir)
+    score_rows, sc = scorer()
+    print("\n".join(score_rows), flush=True)
+
+    img1_s, img1_ip = st[("image", "served", 1, 1)], st[("image", "in-process", 1, 1)]
+    img8_s, img8_ip = st[("image", "served", 8, 1)], st[("image", "in-process", 1, 8)]
+    targets = [
+        ("ONNX Runtime image tower >= 1.3x PyTorch eager throughput at batch 8", f"{ratios[('image', 8)]:.2f}x",
+         ratios[("image", 8)] >= 1.3),
+        ("served single-image p50 <= 1.2x in-process p50 + 3 ms",
+         f"{img1_s['p50']:.1f} ms vs limit {1.2 * img1_ip['p50'] + 3:.1f} ms", img1_s["p50"] <= 1.2 * img1_ip["p50"] + 3),
+        ("served image throughput at concurrency 8 >= 0.8x in-process batch-8 throughput",
+         f"{img8_s['throughput']:.1f} vs {img8_ip['throughput']:.1f} items/s = {img8_s['throughput'] / img8_ip['throughput']:.2f}x",
+         img8_s["throughput"] >= 0.8 * img8_ip["throughput"]),
+        ("in-process scorer >= 50% of memory-copy bandwidth (fp16 gallery)", f"{100 * sc['float16'][1]:.0f}%",
+         sc["float16"][1] >= 0.5),
+    ]
+    lines = [
+        f"# Benchmarks ({args.preset} size, random weights)", "",
+        "Produced by `python -m client.bench_report` in one run on this machine "
+        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {time.time() - t0:.0f} s). Re-run it to refresh.", "",
+        *head, "",
+        "## Targets", "", "| target | measured | met |", "|---|---|---|",
+        *[f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in targets], "",
+        "## PyTorch eager vs ONNX Runtime (in-process, CPU)", "",
+        "Median of 10 calls, best of 3 interleaved rounds; text at 16 tokens.", "",
+        "| tower | batch | torch ms | torch items/s | ORT ms | ORT items/s | ORT speed-up |", "|---|---|---|---|---|---|---|",
+        *tower_rows, "",
+        "## Served vs in-process", "",
+        "`python -m client.bench`: closed loop, 640x480 JPEGs (tens of KiB) and 8-20-word captions; served through "
+        "tritonserver + gRPC client; in-process = the same engine on ONNX Runtime without a server (decode and "
+        "tokenisation included on both sides). Server columns from Triton's statistics API: mean queue and "
+        "compute-infer time per execution, realised dynamic batch size.", "",
+        "| workload | mode | concurrency | batch | items/s | p50 ms | p90 ms | p99 ms | errors | queue ms | infer ms | realised batch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *served_rows, "",
+        "## Late-interaction scorer (in-process)", "",
+        "One 16-token query (s_T) against a 20,000-image gallery of 49 tokens x 256 dims, median of 5.", "",
+        "| gallery dtype | gallery size | time | gallery bytes/s | of memcpy bandwidth | FLOP/s |", "|---|---|---|---|---|---|",
+        *score_rows, "",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+    for t, m, ok in targets:
+        print(f"{'met ' if ok else 'MISS'} {t}: {m}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
