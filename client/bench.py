@@ -166,39 +166,25 @@ def realistic_captions(n: int = 64, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 20))) for _ in range(n)]
 
 
-def served_calls(client, jpegs: list[bytes], captions: list[str]) -> dict[str, Callable[[int, int], Callable[[int], None]]]:
-    """workload -> (batch -> one-request function) using the public client."""
-    img_emb = client.embed_images(jpegs[:8])
-    query = client.embed_texts(captions[:1])
-    from .types import Embeddings
+def workload_calls(api, jpegs: list[bytes], captions: list[str]) -> dict[str, Callable[[int], Callable[[int], None]]]:
+    """workload -> (batch -> one-request function).  ``api`` is a FilipClient (served) or the
+    engine's FilipPipeline (in-process): both have embed_images / embed_texts / score."""
+    img_emb = api.embed_images(jpegs[:8])
+    query = api.embed_texts(captions[:1])
 
-    def gallery(batch: int):
+    def gallery(batch: int):   # ``batch`` image embeddings, tiled from the 8 computed ones
         reps = math.ceil(batch / len(img_emb))
-        return Embeddings(np.concatenate([img_emb.tokens] * reps)[:batch], np.concatenate([img_emb.lengths] * reps)[:batch],
-                          np.concatenate([img_emb.pooled] * reps)[:batch])
+        tile = lambda a: np.concatenate([a] * reps)[:batch]  # noqa: E731
+        return type(img_emb)(tile(img_emb.tokens), tile(img_emb.lengths), tile(img_emb.pooled))
+
+    def score(b: int):
+        g = gallery(b)
+        return lambda i: api.score(g, query, direction="t2i")
 
     return {
-        "image": lambda b: (lambda i: client.embed_images([jpegs[(i + k) % len(jpegs)] for k in range(b)], batch_size=b)),
-        "text": lambda b: (lambda i: client.embed_texts([captions[(i + k) % len(captions)] for k in range(b)], batch_size=b)),
-        "score": lambda b: (lambda g: (lambda i: client.score(g, query, direction="t2i")))(gallery(b)),
-    }
-
-
-def in_process_calls(repository: Path, jpegs: list[bytes], captions: list[str]):
-    from engine.pipeline import FilipPipeline   # lazily: the client needs no engine otherwise
-    pipe = FilipPipeline.from_repository(repository)
-    img_emb = pipe.embed_images(jpegs[:8])
-    query = pipe.embed_texts(captions[:1])
-
-    def gallery(batch: int):
-        reps = math.ceil(batch / len(img_emb))
-        t = np.concatenate([img_emb.tokens] * reps)[:batch]
-        return type(img_emb)(t, np.full(batch, t.shape[1], np.int32), np.concatenate([img_emb.pooled] * reps)[:batch])
-
-    return {
-        "image": lambda b: (lambda i: pipe.embed_images([jpegs[(i + k) % len(jpegs)] for k in range(b)], batch_size=b)),
-        "text": lambda b: (lambda i: pipe.embed_texts([captions[(i + k) % len(captions)] for k in range(b)], batch_size=b)),
-        "score": lambda b: (lambda g: (lambda i: pipe.score(g, query, direction="t2i")))(gallery(b)),
+        "image": lambda b: (lambda i: api.embed_images([jpegs[(i + k) % len(jpegs)] for k in range(b)], batch_size=b)),
+        "text": lambda b: (lambda i: api.embed_texts([captions[(i + k) % len(captions)] for k in range(b)], batch_size=b)),
+        "score": score,
     }
 
 
@@ -300,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     points: list[Point] = []
     try:
         with FilipClient(url, concurrency=max(_ints(args.concurrency)), timeout=120) as client:
-            calls = served_calls(client, jpegs, captions)
+            calls = workload_calls(client, jpegs, captions)
             for w in workloads:
                 for b in _ints(args.batch):
                     for c in _ints(args.concurrency):
@@ -314,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.stop()
     if args.in_process:
-        calls = in_process_calls(args.repository, jpegs, captions)
+        from engine.pipeline import FilipPipeline   # lazily: the client needs no engine otherwise
+        calls = workload_calls(FilipPipeline.from_repository(args.repository), jpegs, captions)
         for w in workloads:
             for b in _ints(args.batch):
                 stats, n, stable = run_point(calls[w](b), concurrency=1, batch=b, window=args.window,
