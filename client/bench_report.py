@@ -98,8 +98,22 @@ def scorer(n: int = 20_000, query_tokens: int = 16) -> tuple[list[str], dict]:
         rows.append(f"| {np.dtype(dtype).name} | {g.nbytes / 2**20:.0f} MiB | {t * 1e3:.0f} ms | {g.nbytes / t / 1e9:.2f} GB/s | "
                     f"{100 * g.nbytes / t / bw:.0f}% | {flops / t / 1e9:.1f} GFLOP/s |")
         del g
+    # Roofline: one 16-token query does 2*16 FLOP per gallery element, i.e. 16 FLOP per fp16 byte.
+    x = torch.randn(n * 49, 256)
+    w = torch.randn(query_tokens, 256)
+    t_gemm = timed(lambda: x @ w.T, 5)
+    gemm = 2 * query_tokens * 49 * 256 * n / t_gemm
+    need = 0.5 * bw * (2 * query_tokens / 2)      # FLOP/s needed to stream fp16 at 50% of memcpy
+    big = torch.randn(2048, 2048)
+    square = 2 * 2048 ** 3 / timed(lambda: big @ big, 3)
+    out["gemm"], out["need"], out["square"] = gemm, need, square
     rows.append(f"\nMeasured memory-copy bandwidth (np.copyto of 512 MiB, bytes copied per second): {bw / 1e9:.2f} GB/s; "
                 f"torch uses {torch.get_num_threads()} threads.")
+    rows.append(f"\nRoofline: one {query_tokens}-token query costs {query_tokens} FLOP per fp16 gallery byte, so scoring at "
+                f"50% of memcpy bandwidth needs {need / 1e9:.0f} GFLOP/s. The bare fp32 GEMM of that shape "
+                f"([{n * 49} x 256] @ [256 x {query_tokens}]) runs at {gemm / 1e9:.0f} GFLOP/s here "
+                f"(a square 2048^3 SGEMM at {square / 1e9:.0f} GFLOP/s): on this CPU the single-query scorer is "
+                f"compute-bound, and the target needs a kernel faster than the BLAS for this narrow shape.")
     return rows, out
 
 
@@ -124,6 +138,33 @@ def served(repo: Path, tmp: Path) -> tuple[list[str], dict]:
     return rows, {(p["workload"], p["mode"], p["concurrency"], p["batch"]): p["stats"] for p in pts}
 
 
+def interleaved_single(repo: Path, rounds: int = 8, per_round: int = 10) -> dict[str, tuple[float, float]]:
+    """p50 of one-item requests, served vs in-process, in alternating rounds so that both
+    see the same machine load (the sweep above measures them minutes apart)."""
+    from engine.pipeline import FilipPipeline
+    from .bench import realistic_captions, realistic_jpegs
+    from .launch import TritonServer
+    from .sync import FilipClient
+    jpegs, captions = realistic_jpegs(), realistic_captions()
+    pipe = FilipPipeline.from_repository(repo)
+    out = {}
+    with TritonServer(repo) as server, FilipClient(server.url) as client:
+        for name, served_fn, local_fn in (
+                ("image", lambda i: client.embed_images([jpegs[i % 16]]), lambda i: pipe.embed_images([jpegs[i % 16]])),
+                ("text", lambda i: client.embed_texts([captions[i % 64]]), lambda i: pipe.embed_texts([captions[i % 64]]))):
+            lat: dict[str, list[float]] = {"served": [], "in-process": []}
+            for fn in (served_fn, local_fn):
+                fn(0)
+            for r in range(rounds):
+                for mode, fn in (("served", served_fn), ("in-process", local_fn))[:: 1 if r % 2 == 0 else -1]:
+                    for i in range(per_round):
+                        t = time.perf_counter()
+                        fn(i)
+                        lat[mode].append(time.perf_counter() - t)
+            out[name] = (1e3 * float(np.median(lat["served"])), 1e3 * float(np.median(lat["in-process"])))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m client.bench_report", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("docs/BENCHMARKS.md"))
@@ -142,16 +183,17 @@ def main(argv: list[str] | None = None) -> int:
     tower_rows, ratios = towers(ckpt, repo, args.reps)
     print("\n".join(tower_rows), flush=True)
     served_rows, st = served(repo, args.workdir)
+    single = interleaved_single(repo)
     score_rows, sc = scorer()
     print("\n".join(score_rows), flush=True)
 
-    img1_s, img1_ip = st[("image", "served", 1, 1)], st[("image", "in-process", 1, 1)]
+    (img1_s, img1_ip), (txt1_s, txt1_ip) = single["image"], single["text"]
     img8_s, img8_ip = st[("image", "served", 8, 1)], st[("image", "in-process", 1, 8)]
     targets = [
         ("ONNX Runtime image tower >= 1.3x PyTorch eager throughput at batch 8", f"{ratios[('image', 8)]:.2f}x",
          ratios[("image", 8)] >= 1.3),
-        ("served single-image p50 <= 1.2x in-process p50 + 3 ms",
-         f"{img1_s['p50']:.1f} ms vs limit {1.2 * img1_ip['p50'] + 3:.1f} ms", img1_s["p50"] <= 1.2 * img1_ip["p50"] + 3),
+        ("served single-image p50 <= 1.2x in-process p50 + 3 ms (interleaved rounds)",
+         f"{img1_s:.1f} ms vs limit {1.2 * img1_ip + 3:.1f} ms (in-process {img1_ip:.1f} ms)", img1_s <= 1.2 * img1_ip + 3),
         ("served image throughput at concurrency 8 >= 0.8x in-process batch-8 throughput",
          f"{img8_s['throughput']:.1f} vs {img8_ip['throughput']:.1f} items/s = {img8_s['throughput'] / img8_ip['throughput']:.2f}x",
          img8_s["throughput"] >= 0.8 * img8_ip["throughput"]),
@@ -165,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         *head, "",
         "## Targets", "", "| target | measured | met |", "|---|---|---|",
         *[f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in targets], "",
+        "Single-item p50, served vs in-process, measured in 8 alternating rounds of 10 requests "
+        f"(same machine load for both): image {img1_s:.1f} vs {img1_ip:.1f} ms, text {txt1_s:.1f} vs {txt1_ip:.1f} ms.", "",
         "## PyTorch eager vs ONNX Runtime (in-process, CPU)", "",
         "Median of 10 calls, best of 3 interleaved rounds; text at 16 tokens.", "",
         "| tower | batch | torch ms | torch items/s | ORT ms | ORT items/s | ORT speed-up |", "|---|---|---|---|---|---|---|",
