@@ -9,9 +9,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-
-import tritonclient.grpc as grpc
 
 
 def free_port() -> int:
@@ -41,16 +41,18 @@ class TritonServer:
         t0 = time.perf_counter()
         self._logf = open(self.log, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._logf, stderr=subprocess.STDOUT, start_new_session=True)
-        client = grpc.InferenceServerClient(self.url)
+        # readiness over HTTP (KServe v2 /v2/health/ready): works whatever the gRPC TLS settings
+        ready_url = f"http://127.0.0.1:{self.http_port}/v2/health/ready"
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"tritonserver exited with {self.proc.returncode}:\n{self.tail()}")
             try:
-                if client.is_server_ready(client_timeout=1.0):
-                    self.startup_s = time.perf_counter() - t0
-                    return self
-            except Exception:
+                with urllib.request.urlopen(ready_url, timeout=1.0) as r:
+                    if r.status == 200:
+                        self.startup_s = time.perf_counter() - t0
+                        return self
+            except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.2)
         self.stop()

@@ -1,0 +1,41 @@
+"""Transport security: the client talks TLS to a TLS-enabled tritonserver using a certificate
+the test makes (with the openssl command), and sends per-call metadata."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from client import FilipClient, FilipConnectionError
+from client.launch import TritonServer
+from export.to_trt import main as export_main
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+
+
+def _certs(d):
+    """A CA and a server certificate for 127.0.0.1 / localhost signed by it."""
+    run = lambda *a: subprocess.run(["openssl", *a], cwd=d, check=True, capture_output=True)  # noqa: E731
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=filip-test-ca",
+        "-keyout", "ca.key", "-out", "ca.pem")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key", "-out", "server.csr")
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1",
+        "-extfile", "san.ext", "-out", "server.pem")
+    return d / "ca.pem", d / "server.pem", d / "server.key"
+
+
+def test_tls_and_metadata(tiny_checkpoint, tmp_path):
+    ca, cert, key = _certs(tmp_path)
+    repo = tmp_path / "repo"
+    assert export_main([str(tiny_checkpoint), "--out", str(repo)]) == 0
+    tls = ["--grpc-use-ssl=true", f"--grpc-server-cert={cert}", f"--grpc-server-key={key}", f"--grpc-root-cert={ca}"]
+    with TritonServer(repo, extra=tls) as server:
+        with FilipClient(server.url, ssl=True, root_certificates=str(ca),
+                         headers={"authorization": "Bearer test-token"}) as c:
+            emb = c.embed_texts(["a photo of a cat"])
+            assert emb.tokens.shape[0] == 1 and c.health().ok
+        with FilipClient(server.url, timeout=5) as plain:   # no TLS: refused, as a connection error
+            with pytest.raises(FilipConnectionError):
+                plain.embed_texts(["a photo of a cat"])
