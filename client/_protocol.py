@@ -160,6 +160,21 @@ def check_embeddings(e: Embeddings, what: str) -> None:
         raise FilipInvalidInputError(f"{what}: inconsistent Embeddings shapes {e.tokens.shape}, {e.lengths.shape}")
 
 
+def token_dim(score_config: dict) -> int:
+    """D from the served filip_score config (the last dim of IMAGE_TOKENS)."""
+    return int(next(i for i in score_config["input"] if i["name"] == "IMAGE_TOKENS")["dims"][-1])
+
+
+def canary_requests(grpc, dim: int) -> dict[str, tuple[list, list[str]]]:
+    """One tiny real request per model (inputs, outputs): what a deep health check runs."""
+    tokens = np.zeros((1, 2, dim), np.float32)
+    tokens[0, :, 0] = 1.0
+    emb = Embeddings(tokens, np.array([2], np.int32), np.zeros((1, 1), np.float32))
+    return {TEXT_MODEL: (text_inputs(grpc, ["health check"]), ["POOLED"]),
+            IMAGE_MODEL: (image_inputs(grpc, [_png(_pil().new("RGB", (8, 8)))]), ["POOLED"]),
+            SCORE_MODEL: (score_inputs(grpc, emb, emb), ["S_I"])}
+
+
 def build_prompts(labels: Sequence[str], templates: Sequence[str]) -> list[str]:
     """Class-major: all templates of label 0, then of label 1, ..."""
     if isinstance(labels, str) or not labels:

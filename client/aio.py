@@ -11,7 +11,7 @@ import tritonclient.grpc as grpc
 import tritonclient.grpc.aio as grpc_aio
 
 from . import _protocol as P
-from .errors import FilipInvalidInputError, from_triton
+from .errors import FilipError, FilipInvalidInputError, from_triton
 from .sync import _progress
 from .types import Embeddings, Health
 
@@ -117,7 +117,7 @@ class AsyncFilipClient:
     async def logit_scale(self) -> float:
         return float((await self._config(P.SCORE_MODEL))["parameters"]["logit_scale"]["string_value"])
 
-    async def health(self, *, timeout: float | None = None) -> Health:
+    async def health(self, *, deep: bool = False, timeout: float | None = None) -> Health:
         t = self.timeout if timeout is None else timeout
         try:
             live = await self._grpc.is_server_live(headers=self.headers, client_timeout=t)
@@ -125,7 +125,20 @@ class AsyncFilipClient:
             models = {m: await self._grpc.is_model_ready(m, headers=self.headers, client_timeout=t) for m in P.MODELS}
         except Exception as e:
             raise from_triton(e, "health") from e
-        return Health(live, ready, models)
+        canaries = None
+        if deep:
+            canaries = {}
+            try:
+                dim = P.token_dim(await self._config(P.SCORE_MODEL))
+            except FilipError as e:
+                return Health(live, ready, models, {m: str(e) for m in P.MODELS})
+            for model, (inputs, outputs) in P.canary_requests(grpc, dim).items():
+                try:
+                    await self._call(model, inputs, outputs, t, f"canary {model}")
+                    canaries[model] = None
+                except FilipError as e:
+                    canaries[model] = str(e)
+        return Health(live, ready, models, canaries)
 
     async def close(self) -> None:
         await self._grpc.close()

@@ -139,8 +139,9 @@ class FilipClient:
         """The model's similarity multiplier (exp of its logit scale), from the served config."""
         return float(self._config(P.SCORE_MODEL)["parameters"]["logit_scale"]["string_value"])
 
-    def health(self, *, timeout: float | None = None) -> Health:
-        """Server liveness/readiness and each FILIP model's readiness."""
+    def health(self, *, deep: bool = False, timeout: float | None = None) -> Health:
+        """Server liveness/readiness and each FILIP model's readiness; with ``deep=True`` also
+        one tiny real request per model (a crashed Python-backend stub still reports ready)."""
         t = self.timeout if timeout is None else timeout
         try:
             live = self._grpc.is_server_live(headers=self.headers, client_timeout=t)
@@ -148,7 +149,20 @@ class FilipClient:
             models = {m: self._grpc.is_model_ready(m, headers=self.headers, client_timeout=t) for m in P.MODELS}
         except Exception as e:
             raise from_triton(e, "health") from e
-        return Health(live, ready, models)
+        canaries = None
+        if deep:
+            canaries = {}
+            try:
+                dim = P.token_dim(self._config(P.SCORE_MODEL))
+            except FilipError as e:
+                return Health(live, ready, models, {m: str(e) for m in P.MODELS})
+            for model, (inputs, outputs) in P.canary_requests(grpc, dim).items():
+                try:
+                    self._call(model, inputs, outputs, t, f"canary {model}")
+                    canaries[model] = None
+                except FilipError as e:
+                    canaries[model] = str(e)
+        return Health(live, ready, models, canaries)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -34,8 +34,13 @@ class Embeddings:
 class Health:
     live: bool
     ready: bool
-    models: dict[str, bool]          # model name -> ready
+    models: dict[str, bool]          # model name -> ready (Triton's own view)
+    # model name -> None if the canary request succeeded, else why it failed; only with deep=True.
+    # Triton does not restart a crashed Python-backend stub and keeps reporting the model ready,
+    # so only a real request shows that the model still works.
+    canaries: dict[str, str | None] | None = None
 
     @property
     def ok(self) -> bool:
-        return self.live and self.ready and all(self.models.values())
+        return (self.live and self.ready and all(self.models.values())
+                and (self.canaries is None or all(v is None for v in self.canaries.values())))
