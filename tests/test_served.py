@@ -59,7 +59,9 @@ def _same(a: Embeddings, b, label: str) -> None:
 
 def test_health(client):
     h = client.health()
-    assert h.ok and set(h.models) == {"filip_text", "filip_image", "filip_score"}
+    assert h.ok and set(h.models) == {"filip_text", "filip_image", "filip_score"} and h.canaries is None
+    deep = client.health(deep=True)
+    assert deep.ok and deep.canaries == {"filip_text": None, "filip_image": None, "filip_score": None}
 
 
 def test_served_text_equals_pytorch(served, client):
@@ -109,13 +111,13 @@ def test_async_equals_sync(served, client):
         async with AsyncFilipClient(served[0].url, timeout=30) as ac:
             t = await ac.embed_texts(TEXTS, batch_size=2)
             i = await ac.embed_images([_img(1), _img(2)], batch_size=1)
-            return t, i, await ac.score(i, t), await ac.classify(i, ["cat", "dog"]), await ac.health()
+            return t, i, await ac.score(i, t), await ac.classify(i, ["cat", "dog"]), await ac.health(deep=True)
     t, i, s, c, h = asyncio.run(run())
     assert np.abs(t.tokens - client.embed_texts(TEXTS).tokens).max() < 1e-6
     assert np.abs(i.tokens - client.embed_images([_img(1), _img(2)]).tokens).max() < 1e-6
     assert np.abs(s - client.score(i, t)).max() < 1e-6
     assert np.abs(c - client.classify(i, ["cat", "dog"])).max() < 1e-6
-    assert h.ok
+    assert h.ok and h.canaries is not None
 
 
 def test_classify_and_alignment(served, client):
