@@ -3,11 +3,12 @@
     from client import FilipClient            # AsyncFilipClient: same methods, awaitable
 """
 from .aio import AsyncFilipClient
-from .errors import (FilipConnectionError, FilipError, FilipInvalidInputError, FilipServerError,
-                     FilipTimeoutError)
+from .errors import (FilipConnectionError, FilipError, FilipInvalidInputError, FilipOverloadedError,
+                     FilipServerError, FilipTimeoutError)
 from .sync import FilipClient
 from .types import Embeddings, Health
 from ._protocol import DEFAULT_TEMPLATES
 
 __all__ = ["FilipClient", "AsyncFilipClient", "Embeddings", "Health", "DEFAULT_TEMPLATES", "FilipError",
-           "FilipConnectionError", "FilipTimeoutError", "FilipInvalidInputError", "FilipServerError"]
+           "FilipConnectionError", "FilipTimeoutError", "FilipInvalidInputError", "FilipServerError",
+           "FilipOverloadedError"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 from pathlib import Path
 from typing import Any, Sequence, Union
 
@@ -31,6 +32,11 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 )
 
 ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, Any]
+
+
+def backoff(attempt: int, base: float = 0.05, cap: float = 1.0) -> float:
+    """Seconds to wait before retry ``attempt`` (1, 2, ...): exponential, capped, jittered x0.5-1.5."""
+    return min(cap, base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
 
 
 def encode_image(item: ImageLike, index: int) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from typing import Awaitable, Callable, Mapping, Sequence
 
 import numpy as np
@@ -11,18 +12,18 @@ import tritonclient.grpc as grpc
 import tritonclient.grpc.aio as grpc_aio
 
 from . import _protocol as P
-from .errors import FilipError, FilipInvalidInputError, from_triton
+from .errors import FilipError, FilipInvalidInputError, FilipOverloadedError, from_triton
 from .sync import _progress
 from .types import Embeddings, Health
 
 
 class AsyncFilipClient:
     def __init__(self, url: str = "localhost:8001", *, timeout: float | None = 60.0, concurrency: int = 4,
-                 ssl: bool = False, root_certificates: str | None = None, private_key: str | None = None,
+                 max_retries: int = 8, ssl: bool = False, root_certificates: str | None = None, private_key: str | None = None,
                  certificate_chain: str | None = None, headers: Mapping[str, str] | None = None):
         if concurrency < 1:
             raise FilipInvalidInputError("concurrency must be at least 1")
-        self.url, self.timeout, self.concurrency = url, timeout, concurrency
+        self.url, self.timeout, self.concurrency, self.max_retries = url, timeout, concurrency, max_retries
         self.headers = dict(headers or {})
         self._grpc = grpc_aio.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates,
                                                     private_key=private_key, certificate_chain=certificate_chain)
@@ -32,13 +33,23 @@ class AsyncFilipClient:
     async def _call(self, model: str, inputs: list, outputs: Sequence[str], timeout: float | None, what: str):
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.concurrency)
-        async with self._sem:
-            try:
-                return await self._grpc.infer(model, inputs, outputs=P.requested(grpc, outputs),
-                                              client_timeout=self.timeout if timeout is None else timeout,
-                                              headers=self.headers)
-            except Exception as e:
-                raise from_triton(e, what) from e
+        budget = self.timeout if timeout is None else timeout
+        deadline = None if budget is None else time.monotonic() + budget
+        attempt = 0
+        while True:
+            left = None if deadline is None else max(0.001, deadline - time.monotonic())
+            async with self._sem:
+                try:
+                    return await self._grpc.infer(model, inputs, outputs=P.requested(grpc, outputs),
+                                                  client_timeout=left, headers=self.headers)
+                except Exception as e:
+                    err = from_triton(e, what)
+                    attempt += 1
+                    pause = P.backoff(attempt)
+                    if (not isinstance(err, FilipOverloadedError) or attempt > self.max_retries
+                            or (deadline is not None and time.monotonic() + pause >= deadline)):
+                        raise err from e
+            await asyncio.sleep(pause)
 
     async def _config(self, model: str) -> dict:
         if model not in self._configs:

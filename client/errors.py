@@ -6,6 +6,8 @@
     ├── FilipInvalidInputError  the request was refused as invalid (INVALID_ARGUMENT), or the
     │                           client refused it before sending (also a ValueError)
     └── FilipServerError        anything else the server answered with (unknown model, internal error)
+        └── FilipOverloadedError the server refused the request for now (queue full or queue
+                                 timeout); the clients retry these with jittered backoff
 """
 from __future__ import annotations
 
@@ -32,6 +34,13 @@ class FilipServerError(FilipError):
         self.status = status
 
 
+class FilipOverloadedError(FilipServerError):
+    pass
+
+
+_OVERLOAD_MARKERS = ("exceeds maximum queue size", "request timeout expired")
+
+
 def from_triton(exc: Exception, what: str) -> FilipError:
     """Map a tritonclient ``InferenceServerException`` to our tree (the caller raises it ``from`` exc)."""
     status = ""
@@ -44,6 +53,8 @@ def from_triton(exc: Exception, what: str) -> FilipError:
         return FilipInvalidInputError(text)
     if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in msg:
         return FilipTimeoutError(text)
+    if "UNAVAILABLE" in status and any(m in msg.lower() for m in _OVERLOAD_MARKERS):
+        return FilipOverloadedError(text, status)
     if "UNAVAILABLE" in status and "unknown model" not in msg.lower():
         return FilipConnectionError(text)
     return FilipServerError(text, status or None)

@@ -13,6 +13,7 @@ Long inputs are split into requests of ``batch_size`` items sent with at most
 from __future__ import annotations
 
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping, Sequence
 
@@ -20,19 +21,21 @@ import numpy as np
 import tritonclient.grpc as grpc
 
 from . import _protocol as P
-from .errors import FilipError, FilipInvalidInputError, from_triton
+from .errors import FilipError, FilipInvalidInputError, FilipOverloadedError, from_triton
 from .types import Embeddings, Health
 
 
 class FilipClient:
     def __init__(self, url: str = "localhost:8001", *, timeout: float | None = 60.0, concurrency: int = 4,
-                 ssl: bool = False, root_certificates: str | None = None, private_key: str | None = None,
+                 max_retries: int = 8, ssl: bool = False, root_certificates: str | None = None, private_key: str | None = None,
                  certificate_chain: str | None = None, headers: Mapping[str, str] | None = None):
-        """``timeout``: default seconds per call (None: no deadline); ``headers``: gRPC metadata
-        sent with every call (e.g. ``{"authorization": "Bearer ..."}``); TLS via ``ssl`` and PEM paths."""
+        """``timeout``: default seconds per call (None: no deadline); ``max_retries``: retries of a
+        request the server refused as overloaded, with jittered exponential backoff, within the
+        call's deadline (invalid input is never retried); ``headers``: gRPC metadata sent with
+        every call (e.g. ``{"authorization": "Bearer ..."}``); TLS via ``ssl`` and PEM paths."""
         if concurrency < 1:
             raise FilipInvalidInputError("concurrency must be at least 1")
-        self.url, self.timeout, self.concurrency = url, timeout, concurrency
+        self.url, self.timeout, self.concurrency, self.max_retries = url, timeout, concurrency, max_retries
         self.headers = dict(headers or {})
         self._grpc = grpc.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates,
                                                 private_key=private_key, certificate_chain=certificate_chain)
@@ -41,11 +44,22 @@ class FilipClient:
 
     # --- plumbing ------------------------------------------------------------------------
     def _call(self, model: str, inputs: list, outputs: Sequence[str], timeout: float | None, what: str):
-        try:
-            return self._grpc.infer(model, inputs, outputs=P.requested(grpc, outputs),
-                                    client_timeout=self.timeout if timeout is None else timeout, headers=self.headers)
-        except Exception as e:  # InferenceServerException and gRPC errors
-            raise from_triton(e, what) from e
+        budget = self.timeout if timeout is None else timeout
+        deadline = None if budget is None else time.monotonic() + budget
+        attempt = 0
+        while True:
+            left = None if deadline is None else max(0.001, deadline - time.monotonic())
+            try:
+                return self._grpc.infer(model, inputs, outputs=P.requested(grpc, outputs),
+                                        client_timeout=left, headers=self.headers)
+            except Exception as e:  # InferenceServerException and gRPC errors
+                err = from_triton(e, what)
+                attempt += 1
+                pause = P.backoff(attempt)
+                if (not isinstance(err, FilipOverloadedError) or attempt > self.max_retries
+                        or (deadline is not None and time.monotonic() + pause >= deadline)):
+                    raise err from e
+            time.sleep(pause)
 
     def _config(self, model: str) -> dict:
         """The served model's config (cached): its max batch size and parameters."""

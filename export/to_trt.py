@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Triton instances per encoder model (each a process with its own ONNX Runtime session; default 1)")
     p.add_argument("--queue-delay-us", type=int, default=500,
                    help="dynamic batching: how long Triton waits to fill a batch, in microseconds (default 500)")
+    p.add_argument("--max-queue-size", type=int, default=256,
+                   help="requests queued per encoder model before new ones are refused as UNAVAILABLE (default 256)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= {MIN_OPSET}, default {DEFAULT_OPSET})")
     return p
 
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     if args.max_batch < 1:
         raise FilipError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if args.max_queue_size < 1:
+        raise FilipError(f"--max-queue-size must be at least 1, got {args.max_queue_size}")
     if args.instances < 1 or args.queue_delay_us < 0:
         raise FilipError(f"--instances must be >= 1 and --queue-delay-us >= 0, got {args.instances} and {args.queue_delay_us}")
     trt_ok, trt_why = tensorrt_available()
@@ -120,7 +124,8 @@ def _run(args) -> int:
     else:
         print(f"      TensorRT engines: skipped ({trt_why or '--runtime onnxruntime'}); ONNX Runtime serves the encoders")
     settings = RepoSettings(max_batch=args.max_batch, queue_delay_us=args.queue_delay_us,
-                            text_instances=args.instances, image_instances=args.instances)
+                            text_instances=args.instances, image_instances=args.instances,
+                            max_queue_size=args.max_queue_size)
     models = write_repository(out, cfg, logit_scale=ckpt.model.similarity_scale(), settings=settings)
     print(f"[5/5] Triton model repository {out}: {', '.join(m.name for m in models)} "
           f"(max batch {settings.max_batch}, queue delay {settings.queue_delay_us} us); "

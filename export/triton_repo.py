@@ -36,6 +36,10 @@ class RepoSettings:
     image_instances: int = 1
     score_instances: int = 1
     intra_op_threads: int = 0            # ONNX Runtime threads per instance; 0 = all cores
+    # Overload: a request finding this many queued is refused at once (UNAVAILABLE, which the
+    # client retries with backoff), and one that waited this long in the queue is dropped.
+    max_queue_size: int = 256
+    queue_timeout_us: int = 30_000_000
 
 
 def _tensor(name: str, dtype: str, dims: list[int], optional: bool = False) -> str:
@@ -44,10 +48,15 @@ def _tensor(name: str, dtype: str, dims: list[int], optional: bool = False) -> s
 
 
 def _config(name: str, *, max_batch: int, inputs: list[str], outputs: list[str], instances: int,
-            queue_delay_us: int | None, params: dict[str, str], warmup: str | None = None) -> str:
+            queue_delay_us: int | None, params: dict[str, str], warmup: str | None = None,
+            queue: RepoSettings | None = None) -> str:
     lines = [f'name: "{name}"', 'backend: "python"', f"max_batch_size: {max_batch}"]
+    policy = ""
+    if queue is not None:
+        policy = (f" default_queue_policy {{ timeout_action: REJECT default_timeout_microseconds: {queue.queue_timeout_us}"
+                  f" allow_timeout_override: true max_queue_size: {queue.max_queue_size} }}")
     if queue_delay_us is not None and max_batch > 0:
-        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}")
+        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us}{policy} }}")
     lines.append("input [\n" + ",\n".join(inputs) + "\n]")
     lines.append("output [\n" + ",\n".join(outputs) + "\n]")
     lines.append(f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]")
@@ -79,11 +88,11 @@ def model_configs(cfg: FilipConfig, s: RepoSettings, logit_scale: float) -> dict
                            _tensor("POOLED", "TYPE_FP32", [e])]
     return {
         "filip_text": _config("filip_text", max_batch=s.max_batch, instances=s.text_instances,
-                              queue_delay_us=s.queue_delay_us, params=common,
+                              queue_delay_us=s.queue_delay_us, params=common, queue=s,
                               warmup=_warmup('key: "TEXT" value: { data_type: TYPE_STRING dims: [ 1 ] input_data_file: "text" }'),
                               inputs=[_tensor("TEXT", "TYPE_STRING", [1])], outputs=embed_out(-1)),
         "filip_image": _config("filip_image", max_batch=s.max_batch, instances=s.image_instances,
-                               queue_delay_us=s.queue_delay_us, params=common,
+                               queue_delay_us=s.queue_delay_us, params=common, queue=s,
                                warmup=_warmup(f'key: "PIXEL_VALUES" value: {{ data_type: TYPE_FP32 dims: [ 3, {size}, {size} ] zero_data: true }}'),
                                inputs=[_tensor("IMAGE", "TYPE_STRING", [1], optional=True),
                                        _tensor("PIXEL_VALUES", "TYPE_FP32", [3, size, size], optional=True)],

@@ -1,0 +1,71 @@
+"""Overload: a full queue answers at once with UNAVAILABLE; the client retries those with
+jittered backoff within its deadline and never retries invalid input."""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from client import AsyncFilipClient, FilipClient, FilipInvalidInputError, FilipOverloadedError
+from client._protocol import backoff
+from client.launch import TritonServer
+from export.to_trt import main as export_main
+
+
+@pytest.fixture(scope="module")
+def tiny_queue_server(tiny_checkpoint, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("overload") / "repo"
+    assert export_main([str(tiny_checkpoint), "--out", str(repo), "--max-queue-size", "1", "--max-batch", "4"]) == 0
+    with TritonServer(repo) as server:
+        yield server
+
+
+def _burst(client, n=48):
+    imgs = [np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8) for i in range(4)]
+
+    def one(i):
+        try:
+            client.embed_images(imgs, batch_size=4)
+            return "ok"
+        except FilipOverloadedError:
+            return "overloaded"
+    with ThreadPoolExecutor(24) as ex:
+        return list(ex.map(one, range(n)))
+
+
+def test_burst_without_retries_is_refused_fast(tiny_queue_server):
+    with FilipClient(tiny_queue_server.url, concurrency=24, max_retries=0) as c:
+        results = _burst(c)
+    assert results.count("overloaded") > 0 and results.count("ok") > 0
+
+
+def test_burst_with_retries_all_served(tiny_queue_server):
+    with FilipClient(tiny_queue_server.url, concurrency=24, timeout=60) as c:
+        assert _burst(c).count("ok") == 48
+
+
+def test_async_retries(tiny_queue_server):
+    async def run():
+        async with AsyncFilipClient(tiny_queue_server.url, concurrency=24, timeout=60) as ac:
+            img = [np.zeros((32, 32, 3), np.uint8)] * 4
+            return await asyncio.gather(*(ac.embed_images(img, batch_size=4) for _ in range(32)))
+    assert len(asyncio.run(run())) == 32
+
+
+def test_invalid_input_is_not_retried(tiny_queue_server):
+    import tritonclient.grpc as grpc
+    def stats():   # requests the model has seen (a Python-backend error response counts as executed)
+        st = grpc.InferenceServerClient(tiny_queue_server.url).get_inference_statistics("filip_image", as_json=True)
+        return int(st["model_stats"][0].get("inference_count", 0))
+    before = stats()
+    with FilipClient(tiny_queue_server.url) as c, pytest.raises(FilipInvalidInputError):
+        c.embed_images([b"\x89PNG\r\n\x1a\nnot really"])
+    assert stats() - before == 1
+
+
+def test_backoff_is_capped_and_jittered():
+    waits = [backoff(k) for k in range(1, 12)]
+    assert all(0.025 <= w <= 1.5 for w in waits)
+    assert 0.025 <= backoff(1) <= 0.075 and 0.5 <= backoff(10) <= 1.5
