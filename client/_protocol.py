@@ -19,11 +19,24 @@ SCORE_MODEL = "filip_score"
 MODELS = (TEXT_MODEL, IMAGE_MODEL, SCORE_MODEL)
 EMBED_OUTPUTS = ("TOKENS", "LENGTHS", "POOLED")
 
-# Client-side limits mirror the server's defaults (engine.serving.ServingLimits) so that a
-# request that would be refused is refused before it is sent.
+# The server's per-request limits (engine.serving.ServingLimits) are published as ``limit_*``
+# parameters of each model's config; the clients read them and refuse what the server would
+# refuse before sending.  These defaults apply only when a server does not publish them.
 MAX_TEXT_CHARS = 2_000
 MAX_IMAGE_BYTES = 16 * 1024 * 1024
 MAX_ITEMS_PER_REQUEST = 256
+DEFAULT_LIMITS = {"max_text_chars": MAX_TEXT_CHARS, "max_image_bytes": MAX_IMAGE_BYTES,
+                  "max_items_per_request": MAX_ITEMS_PER_REQUEST}
+
+
+def served_limits(config: dict) -> dict[str, int]:
+    """The ``limit_*`` parameters of a served model config, over the defaults."""
+    params = config.get("parameters", {})
+    out = dict(DEFAULT_LIMITS)
+    for k, v in params.items():
+        if k.startswith("limit_"):
+            out[k[len("limit_"):]] = int(v.get("string_value", "0"))
+    return out
 
 # CLIP-style prompt ensemble (a subset of OpenAI's ImageNet templates); overridable per call.
 DEFAULT_TEMPLATES: tuple[str, ...] = (
@@ -39,7 +52,7 @@ def backoff(attempt: int, base: float = 0.05, cap: float = 1.0) -> float:
     return min(cap, base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
 
 
-def encode_image(item: ImageLike, index: int) -> bytes:
+def encode_image(item: ImageLike, index: int, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     """Whatever the user gave -> encoded image bytes for the server (which decodes and
     preprocesses).  Paths are read, PIL images and uint8 arrays are PNG-encoded (lossless)."""
     if isinstance(item, (str, os.PathLike)):
@@ -61,8 +74,8 @@ def encode_image(item: ImageLike, index: int) -> bytes:
                                      "(give a path, encoded bytes, a PIL image or a uint8 array)")
     if not data:
         raise FilipInvalidInputError(f"image {index} is empty (0 bytes)")
-    if len(data) > MAX_IMAGE_BYTES:
-        raise FilipInvalidInputError(f"image {index} has {len(data)} bytes; the limit is {MAX_IMAGE_BYTES}")
+    if len(data) > max_bytes:
+        raise FilipInvalidInputError(f"image {index} has {len(data)} bytes; the limit is {max_bytes}")
     return data
 
 
@@ -84,7 +97,7 @@ def _png(img) -> bytes:
     return buf.getvalue()
 
 
-def check_texts(texts: Sequence[str]) -> list[str]:
+def check_texts(texts: Sequence[str], max_chars: int = MAX_TEXT_CHARS) -> list[str]:
     if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
         raise FilipInvalidInputError("texts must be a list of strings")
     if not texts:
@@ -94,8 +107,8 @@ def check_texts(texts: Sequence[str]) -> list[str]:
             raise FilipInvalidInputError(f"text {i} is a {type(t).__name__}, expected str")
         if not t.strip():
             raise FilipInvalidInputError(f"text {i} is empty")
-        if len(t) > MAX_TEXT_CHARS:
-            raise FilipInvalidInputError(f"text {i} has {len(t)} characters; the limit is {MAX_TEXT_CHARS}")
+        if len(t) > max_chars:
+            raise FilipInvalidInputError(f"text {i} has {len(t)} characters; the limit is {max_chars}")
     return list(texts)
 
 

@@ -62,7 +62,9 @@ class AsyncFilipClient:
 
     async def _spans(self, model: str, n: int, batch_size: int) -> list[tuple[int, int]]:
         P.chunks(n, batch_size)
-        return P.chunks(n, min(batch_size, int((await self._config(model)).get("max_batch_size", 0)) or batch_size))
+        cfg = await self._config(model)
+        cap = min(int(cfg.get("max_batch_size", 0)) or batch_size, P.served_limits(cfg)["max_items_per_request"])
+        return P.chunks(n, min(batch_size, cap))
 
     async def _map(self, fn: Callable[[int, int], Awaitable[Embeddings]], spans, progress: bool, desc: str) -> list:
         bar = _progress(progress, sum(b - a for a, b in spans), desc)
@@ -79,7 +81,7 @@ class AsyncFilipClient:
 
     async def embed_texts(self, texts: Sequence[str], *, batch_size: int = 32, timeout: float | None = None,
                           progress: bool = False) -> Embeddings:
-        texts = P.check_texts(texts)
+        texts = P.check_texts(texts, P.served_limits(await self._config(P.TEXT_MODEL))["max_text_chars"])
 
         async def one(a: int, b: int) -> Embeddings:
             res = await self._call(P.TEXT_MODEL, P.text_inputs(grpc, texts[a:b]), P.EMBED_OUTPUTS, timeout, f"texts {a}..{b - 1}")
@@ -90,7 +92,8 @@ class AsyncFilipClient:
     async def embed_images(self, images: Sequence[P.ImageLike], *, batch_size: int = 16, timeout: float | None = None,
                            progress: bool = False) -> Embeddings:
         images = P.check_images(images)
-        blobs = [P.encode_image(im, i) for i, im in enumerate(images)]
+        max_bytes = P.served_limits(await self._config(P.IMAGE_MODEL))["max_image_bytes"]
+        blobs = [P.encode_image(im, i, max_bytes) for i, im in enumerate(images)]
 
         async def one(a: int, b: int) -> Embeddings:
             res = await self._call(P.IMAGE_MODEL, P.image_inputs(grpc, blobs[a:b]), P.EMBED_OUTPUTS, timeout, f"images {a}..{b - 1}")

@@ -71,10 +71,15 @@ class FilipClient:
                 raise from_triton(e, f"model config of {model}") from e
         return self._configs[model]
 
+    def _limits(self, model: str) -> dict[str, int]:
+        return P.served_limits(self._config(model))
+
     def _spans(self, model: str, n: int, batch_size: int) -> list[tuple[int, int]]:
         """Request spans of at most ``batch_size`` items and never more than the server accepts."""
         P.chunks(n, batch_size)  # validates batch_size
-        return P.chunks(n, min(batch_size, int(self._config(model).get("max_batch_size", 0)) or batch_size))
+        cap = min(int(self._config(model).get("max_batch_size", 0)) or batch_size,
+                  self._limits(model)["max_items_per_request"])
+        return P.chunks(n, min(batch_size, cap))
 
     def _map(self, fn: Callable[[int, int], Embeddings], spans: list[tuple[int, int]], progress: bool, desc: str) -> list:
         if len(spans) == 1 and not progress:   # one request: send it from the caller's thread
@@ -97,7 +102,7 @@ class FilipClient:
     # --- public API ----------------------------------------------------------------------
     def embed_texts(self, texts: Sequence[str], *, batch_size: int = 32, timeout: float | None = None,
                     progress: bool = False) -> Embeddings:
-        texts = P.check_texts(texts)
+        texts = P.check_texts(texts, self._limits(P.TEXT_MODEL)["max_text_chars"])
 
         def one(a: int, b: int) -> Embeddings:
             res = self._call(P.TEXT_MODEL, P.text_inputs(grpc, texts[a:b]), P.EMBED_OUTPUTS, timeout, f"texts {a}..{b - 1}")
@@ -108,7 +113,8 @@ class FilipClient:
     def embed_images(self, images: Sequence[P.ImageLike], *, batch_size: int = 16, timeout: float | None = None,
                      progress: bool = False) -> Embeddings:
         images = P.check_images(images)
-        blobs = [P.encode_image(im, i) for i, im in enumerate(images)]
+        max_bytes = self._limits(P.IMAGE_MODEL)["max_image_bytes"]
+        blobs = [P.encode_image(im, i, max_bytes) for i, im in enumerate(images)]
 
         def one(a: int, b: int) -> Embeddings:
             res = self._call(P.IMAGE_MODEL, P.image_inputs(grpc, blobs[a:b]), P.EMBED_OUTPUTS, timeout, f"images {a}..{b - 1}")

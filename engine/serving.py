@@ -9,7 +9,7 @@ the others.  They are plain functions so they are unit-tested without a server.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -33,7 +33,21 @@ class ServingLimits:
     max_text_chars: int = 2_000          # characters per text (CLIP truncates at 77 tokens anyway)
     max_image_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = 40_000_000   # declared width x height, checked before decoding
-    max_score_items: int = 100_000       # images x texts tokens per scoring request (rows)
+    max_score_items: int = 100_000       # image x text pairs per scoring request
+
+    PARAM_PREFIX = "limit_"
+
+    def to_params(self) -> dict[str, str]:
+        """As Triton config parameters (``limit_<name>``), so the server enforces them and a
+        client can read and echo them before sending."""
+        return {self.PARAM_PREFIX + k: str(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> "ServingLimits":
+        known = {f.name for f in fields(cls)}
+        values = {k[len(cls.PARAM_PREFIX):]: int(v) for k, v in params.items()
+                  if k.startswith(cls.PARAM_PREFIX) and k[len(cls.PARAM_PREFIX):] in known}
+        return cls(**values)
 
 
 def _split_run(runtime: Runtime, feeds: dict[str, np.ndarray], counts: list[int], max_batch: int) -> list[dict[str, np.ndarray]]:
@@ -204,9 +218,9 @@ def triton_context(args: dict) -> tuple[Path, dict[str, str]]:
 class TextEndpoint:
     """filip_text: tokenizer + text tower on ONNX Runtime, built once from the version folder."""
 
-    def __init__(self, version_dir: Path, params: dict[str, str], limits: ServingLimits = ServingLimits()):
+    def __init__(self, version_dir: Path, params: dict[str, str]):
         cfg, _ = read_manifest(version_dir)
-        self.max_batch, self.limits = int(params.get("max_batch", "64")), limits
+        self.max_batch, self.limits = int(params.get("max_batch", "64")), ServingLimits.from_params(params)
         self.tokenizer = ClipTokenizer.from_file(version_dir / "tokenizer.json", vocab_size=cfg.text.vocab_size,
                                                  context_length=cfg.text.context_length)
         self.runtime = OnnxRuntime(version_dir / "text.onnx", tower_spec(cfg, "text"),
@@ -219,11 +233,11 @@ class TextEndpoint:
 class ImageEndpoint:
     """filip_image: decoder/transform + image tower on ONNX Runtime."""
 
-    def __init__(self, version_dir: Path, params: dict[str, str], limits: ServingLimits = ServingLimits()):
+    def __init__(self, version_dir: Path, params: dict[str, str]):
         cfg, _ = read_manifest(version_dir)
-        self.max_batch, self.limits = int(params.get("max_batch", "64")), limits
-        self.transform = ImageTransform(cfg.vision.image_size, max_pixels=limits.max_image_pixels,
-                                        max_bytes=limits.max_image_bytes)
+        self.max_batch, self.limits = int(params.get("max_batch", "64")), ServingLimits.from_params(params)
+        self.transform = ImageTransform(cfg.vision.image_size, max_pixels=self.limits.max_image_pixels,
+                                        max_bytes=self.limits.max_image_bytes)
         self.runtime = OnnxRuntime(version_dir / "image.onnx", tower_spec(cfg, "image"),
                                    intra_op_threads=int(params.get("intra_op_threads", "0")) or None)
 
@@ -234,9 +248,8 @@ class ImageEndpoint:
 class ScoreEndpoint:
     """filip_score: late interaction between given embeddings (ALIGNMENT only when requested)."""
 
-    def __init__(self, version_dir: Path | None = None, params: dict[str, str] | None = None,
-                 limits: ServingLimits = ServingLimits()):
-        self.limits = limits
+    def __init__(self, version_dir: Path | None = None, params: dict[str, str] | None = None):
+        self.limits = ServingLimits.from_params(params or {})
 
     def __call__(self, requests: Sequence[tuple[dict[str, np.ndarray | None], Sequence[str]]]) -> list[Result]:
         results: list[Result] = []

@@ -9,6 +9,7 @@ exit: 2 for bad input (checkpoint, vocabulary, flags), 1 for a failed numerics g
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from engine.artifacts import write_manifest  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.errors import FilipError, ValidationError  # noqa: E402
 from engine.pipeline import load_tokenizer  # noqa: E402
+from engine.serving import ServingLimits  # noqa: E402
 from export.to_onnx import DEFAULT_OPSET, MIN_OPSET, export_tower, validate_tower  # noqa: E402
 from export.triton_repo import RepoSettings, version_dir, write_repository  # noqa: E402
 
@@ -45,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dynamic batching: how long Triton waits to fill a batch, in microseconds (default 500)")
     p.add_argument("--max-queue-size", type=int, default=256,
                    help="requests queued per encoder model before new ones are refused as UNAVAILABLE (default 256)")
+    p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                   help="a per-request limit the server enforces and clients echo (repeatable): "
+                        "max_items_per_request (256), max_text_chars (2000), max_image_bytes (16 MiB), "
+                        "max_image_pixels (40,000,000), max_score_items (100,000)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= {MIN_OPSET}, default {DEFAULT_OPSET})")
     return p
 
@@ -76,6 +82,14 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     if args.max_batch < 1:
         raise FilipError(f"--max-batch must be at least 1, got {args.max_batch}")
+    known = {f.name for f in dataclasses.fields(ServingLimits)}
+    overrides = {}
+    for item in args.limit:
+        name, _, value = item.partition("=")
+        if name not in known or not value.isdigit() or int(value) < 1:
+            raise FilipError(f"--limit {item!r}: expected NAME=POSITIVE_INT with NAME one of {sorted(known)}")
+        overrides[name] = int(value)
+    limits = ServingLimits(**overrides)
     if args.max_queue_size < 1:
         raise FilipError(f"--max-queue-size must be at least 1, got {args.max_queue_size}")
     if args.instances < 1 or args.queue_delay_us < 0:
@@ -125,7 +139,7 @@ def _run(args) -> int:
         print(f"      TensorRT engines: skipped ({trt_why or '--runtime onnxruntime'}); ONNX Runtime serves the encoders")
     settings = RepoSettings(max_batch=args.max_batch, queue_delay_us=args.queue_delay_us,
                             text_instances=args.instances, image_instances=args.instances,
-                            max_queue_size=args.max_queue_size)
+                            max_queue_size=args.max_queue_size, limits=limits)
     models = write_repository(out, cfg, logit_scale=ckpt.model.similarity_scale(), settings=settings)
     print(f"[5/5] Triton model repository {out}: {', '.join(m.name for m in models)} "
           f"(max batch {settings.max_batch}, queue delay {settings.queue_delay_us} us); "

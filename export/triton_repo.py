@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config import FilipConfig
+from engine.serving import ServingLimits
 
 ADAPTERS = Path(__file__).resolve().parent.parent / "triton_models"
 MODELS = ("filip_text", "filip_image", "filip_score")
@@ -40,6 +41,7 @@ class RepoSettings:
     # client retries with backoff), and one that waited this long in the queue is dropped.
     max_queue_size: int = 256
     queue_timeout_us: int = 30_000_000
+    limits: ServingLimits = ServingLimits()   # per-request limits, enforced by the models
 
 
 def _tensor(name: str, dtype: str, dims: list[int], optional: bool = False) -> str:
@@ -82,7 +84,7 @@ def model_configs(cfg: FilipConfig, s: RepoSettings, logit_scale: float) -> dict
     """config.pbtxt text per model, from the model config and the settings."""
     d, e = cfg.token_dim, cfg.embed_dim
     size, p = cfg.vision.image_size, cfg.vision.num_patches
-    root = {"project_root": str(ADAPTERS.parent)}   # where model.py finds the engine package
+    root = {"project_root": str(ADAPTERS.parent), **s.limits.to_params()}   # + where model.py finds the engine
     common = {**root, "intra_op_threads": str(s.intra_op_threads), "max_batch": str(s.max_batch)}
     embed_out = lambda t: [_tensor("TOKENS", "TYPE_FP32", [t, d]), _tensor("LENGTHS", "TYPE_INT32", [1]),  # noqa: E731
                            _tensor("POOLED", "TYPE_FP32", [e])]

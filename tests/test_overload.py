@@ -17,17 +17,18 @@ from export.to_trt import main as export_main
 @pytest.fixture(scope="module")
 def tiny_queue_server(tiny_checkpoint, tmp_path_factory):
     repo = tmp_path_factory.mktemp("overload") / "repo"
-    assert export_main([str(tiny_checkpoint), "--out", str(repo), "--max-queue-size", "1", "--max-batch", "4"]) == 0
+    assert export_main([str(tiny_checkpoint), "--out", str(repo), "--max-queue-size", "1", "--max-batch", "4",
+                        "--limit", "max_text_chars=100", "--limit", "max_items_per_request=3"]) == 0
     with TritonServer(repo) as server:
         yield server
 
 
 def _burst(client, n=48):
-    imgs = [np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8) for i in range(4)]
+    imgs = [np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8) for i in range(3)]
 
     def one(i):
         try:
-            client.embed_images(imgs, batch_size=4)
+            client.embed_images(imgs, batch_size=3)
             return "ok"
         except FilipOverloadedError:
             return "overloaded"
@@ -49,8 +50,8 @@ def test_burst_with_retries_all_served(tiny_queue_server):
 def test_async_retries(tiny_queue_server):
     async def run():
         async with AsyncFilipClient(tiny_queue_server.url, concurrency=24, timeout=60) as ac:
-            img = [np.zeros((32, 32, 3), np.uint8)] * 4
-            return await asyncio.gather(*(ac.embed_images(img, batch_size=4) for _ in range(32)))
+            img = [np.zeros((32, 32, 3), np.uint8)] * 3
+            return await asyncio.gather(*(ac.embed_images(img, batch_size=3) for _ in range(32)))
     assert len(asyncio.run(run())) == 32
 
 
@@ -69,3 +70,16 @@ def test_backoff_is_capped_and_jittered():
     waits = [backoff(k) for k in range(1, 12)]
     assert all(0.025 <= w <= 1.5 for w in waits)
     assert 0.025 <= backoff(1) <= 0.075 and 0.5 <= backoff(10) <= 1.5
+
+
+def test_limits_are_settings_enforced_by_the_server_and_echoed_by_the_client(tiny_queue_server):
+    import tritonclient.grpc as grpc
+    with FilipClient(tiny_queue_server.url) as c:
+        with pytest.raises(FilipInvalidInputError, match="150 characters; the limit is 100"):
+            c.embed_texts(["x" * 150])                              # refused before sending
+        assert len(c.embed_texts(["a caption"] * 7, batch_size=32)) == 7   # split into requests of <= 3
+    arr = np.array([b"x" * 150], dtype=object).reshape(1, 1)
+    inp = grpc.InferInput("TEXT", [1, 1], "BYTES")
+    inp.set_data_from_numpy(arr)
+    with pytest.raises(Exception, match="limit is 100"):            # and refused by the server
+        grpc.InferenceServerClient(tiny_queue_server.url).infer("filip_text", [inp])
