@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -27,7 +28,7 @@ class TritonServer:
         self.repo, self.ready_timeout = Path(repo), ready_timeout
         self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
         self.url = f"127.0.0.1:{self.grpc_port}"
-        self.log = log or self.repo.parent / f"tritonserver-{self.grpc_port}.log"
+        self.log = log or Path(tempfile.gettempdir()) / f"tritonserver-{self.grpc_port}.log"
         self.extra = list(extra)
         self.proc: subprocess.Popen | None = None
         self.startup_s = float("nan")
