@@ -15,10 +15,17 @@ import urllib.request
 from pathlib import Path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (the sockets stay open together while choosing, so
+    the OS cannot hand out the same port twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 class TritonServer:
@@ -26,7 +33,7 @@ class TritonServer:
 
     def __init__(self, repo: Path, *, ready_timeout: float = 120.0, log: Path | None = None, extra: list[str] = ()):
         self.repo, self.ready_timeout = Path(repo), ready_timeout
-        self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.grpc_port, self.http_port, self.metrics_port = free_ports(3)
         self.url = f"127.0.0.1:{self.grpc_port}"
         self.log = log or Path(tempfile.gettempdir()) / f"tritonserver-{self.grpc_port}.log"
         self.extra = list(extra)
