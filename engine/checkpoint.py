@@ -10,7 +10,8 @@ Layouts understood by :func:`load_checkpoint`:
   dense ``image_mapping`` / ``text_mapping`` heads with bias, ``logit_scale_dense``).
 
 Loading never executes code from the file: ``torch.load(weights_only=True)`` with an
-allow-list of harmless extras (argparse namespaces found in research checkpoints).
+allow-list of harmless extras (argparse namespaces found in research checkpoints), or
+safetensors (any layout; a native one keeps its config and vocabulary in the metadata).
 
 Run ``python -m engine.checkpoint init --preset tiny --out tiny.pt`` to write a random
 native checkpoint of any preset.
@@ -18,6 +19,7 @@ native checkpoint of any preset.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import pickle
 import re
@@ -53,9 +55,37 @@ class LoadedCheckpoint:
 
 
 # --- reading the file ------------------------------------------------------------------
+def _is_safetensors(path: Path) -> bool:
+    """safetensors: an 8-byte little-endian header length, then a JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and int.from_bytes(head[:8], "little") < 100_000_000 and head[8:9] == b"{"
+
+
+def _read_safetensors(path: Path):
+    """Tensors (and, for a native checkpoint, its config and vocabulary from the metadata).
+    safetensors holds only tensors and strings: nothing in it can run code."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    if meta.get("format") == NATIVE_FORMAT:
+        try:
+            return {"format": NATIVE_FORMAT, "format_version": int(meta.get("format_version", "0")),
+                    "config": json.loads(meta["config"]), "state_dict": tensors, "vocab": meta.get("vocab")}
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: native safetensors metadata is incomplete ({e})") from e
+    return tensors
+
+
 def _read(path: Path):
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
+    if _is_safetensors(path):
+        return _read_safetensors(path)
     if _is_torchscript(path):  # checked first: torch.load would hand these to torch.jit.load
         raise CheckpointError(
             f"{path}: this is a TorchScript archive (like OpenAI's original CLIP .pt files), which is not "
@@ -281,9 +311,17 @@ def _load_native(obj: Mapping, path: Path, activation: str | None) -> LoadedChec
 
 
 def save_checkpoint(path: str | Path, model: FilipModel, *, vocab_text: str | None = None) -> Path:
-    """Write the native format: config + fp32 state dict (+ the BPE merges text, optional)."""
+    """Write the native format: config + fp32 state dict (+ the BPE merges text, optional).
+    A ``.safetensors`` path writes safetensors, with config and vocabulary in its metadata."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        meta = {"format": NATIVE_FORMAT, "format_version": str(NATIVE_VERSION), "config": json.dumps(model.config.to_dict())}
+        if vocab_text is not None:
+            meta["vocab"] = vocab_text
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+        return path
     torch.save({
         "format": NATIVE_FORMAT,
         "format_version": NATIVE_VERSION,

@@ -227,3 +227,22 @@ def test_native_activation_conflict(tmp_path):
     save_checkpoint(tmp_path / "n.pt", random_model("tiny"))
     with pytest.raises(CheckpointError, match="activation"):
         load_checkpoint(tmp_path / "n.pt", activation="gelu")
+
+
+def test_safetensors_native_and_openclip(tmp_path):
+    from safetensors.torch import save_file
+    model = random_model("tiny", seed=2)
+    save_checkpoint(tmp_path / "n.safetensors", model, vocab_text="#version: 0.2\na b\n")
+    ck = load_checkpoint(tmp_path / "n.safetensors")
+    assert ck.layout == "native" and ck.config == PRESETS["tiny"] and ck.vocab_text.startswith("#version")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images)[0], ck.model.encode_image(images)[0])
+    ref = RefCLIP(seed=3).eval()
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / "oc.safetensors"))
+    oc = load_checkpoint(tmp_path / "oc.safetensors")
+    with torch.no_grad():
+        _close(oc.model.encode_image(images)[1], F.normalize(ref.encode_image(images), dim=-1))
+    (tmp_path / "bad.safetensors").write_bytes((20).to_bytes(8, "little") + b'{"x": broken json}')
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_checkpoint(tmp_path / "bad.safetensors")
