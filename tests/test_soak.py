@@ -1,0 +1,28 @@
+"""The soak script's short mode against a real server, and its memory-growth rule."""
+from __future__ import annotations
+
+import os
+
+from client.launch import TritonServer
+from client.soak import memory_grows, process_tree_rss, run_soak
+from export.to_trt import main as export_main
+
+
+def test_memory_growth_rule():
+    assert not memory_grows([100] * 3)                                  # too few samples
+    assert not memory_grows([50, 90, 100, 100, 101, 99, 100, 102])     # warm-up, then flat
+    assert memory_grows([100, 100, 100, 100, 110, 120, 130, 140])
+    assert process_tree_rss(os.getpid()) > 10 * 2**20
+
+
+def test_short_soak(tiny_checkpoint, tmp_path):
+    repo = tmp_path / "repo"
+    assert export_main([str(tiny_checkpoint), "--out", str(repo)]) == 0
+    lines = []
+    with TritonServer(repo) as server:
+        report = run_soak(server.url, duration=8, rate=25, bad_share=0.2, interval=2, pid=server.proc.pid,
+                          log=lines.append)
+    assert report.passed, report
+    assert report.requests >= 150 and report.good_failed == 0 and report.bad_rejected > 10
+    assert len(report.intervals) >= 3 and all(iv["rss_mib"] > 50 for iv in report.intervals)
+    assert lines and "p99" in lines[0]
