@@ -55,7 +55,7 @@ def memory_grows(samples: list[int], tolerance: float = 0.10) -> bool:
     if len(samples) < 8:
         return False
     q = len(samples) // 4
-    early, late = np.mean(samples[q:2 * q]), np.mean(samples[-q:])
+    early, late = float(np.mean(samples[q:2 * q])), float(np.mean(samples[-q:]))
     return late > early * (1 + tolerance)
 
 
@@ -202,10 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server:
             server.stop()
-    print(json.dumps({k: v for k, v in asdict(report).items() if k != "intervals"}, indent=1))
+    print(json.dumps({k: v for k, v in asdict(report).items() if k != "intervals"}, indent=1, default=str))
     print("PASS" if report.passed else "FAIL")
     if args.json:
-        args.json.write_text(json.dumps(asdict(report), indent=1))
+        args.json.write_text(json.dumps(asdict(report), indent=1, default=str))
     return 0 if report.passed else 1
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 import os
 
 from client.launch import TritonServer
-from client.soak import memory_grows, process_tree_rss, run_soak
+from client.soak import main as soak_main, memory_grows, process_tree_rss, run_soak
 from export.to_trt import main as export_main
 
 
 def test_memory_growth_rule():
     assert not memory_grows([100] * 3)                                  # too few samples
     assert not memory_grows([50, 90, 100, 100, 101, 99, 100, 102])     # warm-up, then flat
-    assert memory_grows([100, 100, 100, 100, 110, 120, 130, 140])
+    assert memory_grows([100, 100, 100, 100, 110, 120, 130, 140]) is True   # a plain bool (JSON-able)
     assert process_tree_rss(os.getpid()) > 10 * 2**20
 
 
@@ -26,3 +26,15 @@ def test_short_soak(tiny_checkpoint, tmp_path):
     assert report.requests >= 150 and report.good_failed == 0 and report.bad_rejected > 10
     assert len(report.intervals) >= 3 and all(iv["rss_mib"] > 50 for iv in report.intervals)
     assert lines and "p99" in lines[0]
+
+
+def test_soak_cli_writes_its_report(tiny_checkpoint, tmp_path, capsys):
+    import json
+    repo = tmp_path / "repo"
+    assert export_main([str(tiny_checkpoint), "--out", str(repo)]) == 0
+    rc = soak_main(["--repository", str(repo), "--duration", "3", "--rate", "20", "--interval", "1",
+                    "--json", str(tmp_path / "soak.json")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "PASS" in out
+    report = json.loads((tmp_path / "soak.json").read_text())
+    assert report["good_failed"] == 0 and report["alive_at_end"] is True and report["intervals"]
