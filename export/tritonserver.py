@@ -21,6 +21,7 @@ import importlib.util
 import os
 import shutil
 import sys
+import sysconfig
 from pathlib import Path
 
 NATIVE = Path("/opt/tritonserver/bin/tritonserver")
@@ -61,7 +62,10 @@ def command(argv: list[str]) -> tuple[str, list[str], dict[str, str]]:
         return str(NATIVE), [str(NATIVE), *argv], env
     binary, backends, libs = pytriton_server()
     install_stub(backends)
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+    # This interpreter's own libpython first: otherwise the stub may embed a system libpython of
+    # another patch release than the standard library it then runs with.
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
     env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
     args = list(argv)
     if not any(a == "--backend-directory" or a.startswith("--backend-directory=") for a in args):

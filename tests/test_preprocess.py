@@ -502,3 +502,15 @@ def test_batch_error_names_the_bad_indices(small):
         t.batch([b"", good, np.zeros((4, 4), np.float64)])
     with pytest.raises(ImageDecodeError, match="single bytes"):
         t.batch(good)
+
+
+def test_polyglot_files(small):
+    """A JPEG with a ZIP archive appended decodes as the JPEG it starts with; a PNG signature
+    glued onto JPEG data (or an HTML/script payload) is refused with our error."""
+    jpeg = encode(small, "JPEG")
+    zip_tail = b"PK\x03\x04" + bytes(26) + b"payload.txt" + b"hello" * 20 + b"PK\x05\x06" + bytes(18)
+    t = ImageTransform(32)
+    np.testing.assert_array_equal(t(jpeg + zip_tail), t(jpeg))
+    for blob in (b"\x89PNG\r\n\x1a\n" + jpeg, b"<html><script>alert(1)</script>" + jpeg, b"GIF89a" + jpeg[:100]):
+        with pytest.raises(ImageDecodeError):
+            t(blob)

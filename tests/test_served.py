@@ -155,7 +155,18 @@ def _raw_pixels(c, arr: np.ndarray, dtype: str):
     return c.infer("filip_image", [inp])
 
 
+def _bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
+    """A valid PNG header declaring width x height pixels, with almost no data behind it."""
+    import struct
+    import zlib
+    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data  # noqa: E731
+                                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
 BAD = {
+    "decompression bomb": lambda c: _raw_image(c, [_bomb_png()]),
     "corrupt image": lambda c: _raw_image(c, [b"\x89PNG\r\n\x1a\n" + b"garbage" * 20]),
     "zero-byte image": lambda c: _raw_image(c, [b""]),
     "empty text": lambda c: _raw_text(c, [b""]),
