@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any, Sequence, Union
 
@@ -50,6 +51,16 @@ ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, An
 def backoff(attempt: int, base: float = 0.05, cap: float = 1.0) -> float:
     """Seconds to wait before retry ``attempt`` (1, 2, ...): exponential, capped, jittered x0.5-1.5."""
     return min(cap, base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+
+
+def retry_pause(err: Exception, attempt: int, max_retries: int, deadline: float | None) -> float | None:
+    """Seconds to wait before retrying after failed ``attempt`` (1, 2, ...), or None to give up:
+    only overload is retried, at most ``max_retries`` times, never past the call's deadline."""
+    from .errors import FilipOverloadedError
+    if not isinstance(err, FilipOverloadedError) or attempt > max_retries:
+        return None
+    pause = backoff(attempt)
+    return None if deadline is not None and time.monotonic() + pause >= deadline else pause
 
 
 def encode_image(item: ImageLike, index: int, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:

@@ -12,7 +12,7 @@ import tritonclient.grpc as grpc
 import tritonclient.grpc.aio as grpc_aio
 
 from . import _protocol as P
-from .errors import FilipError, FilipInvalidInputError, FilipOverloadedError, from_triton
+from .errors import FilipError, FilipInvalidInputError, from_triton
 from .sync import _progress
 from .types import Embeddings, Health
 
@@ -45,9 +45,8 @@ class AsyncFilipClient:
                 except Exception as e:
                     err = from_triton(e, what)
                     attempt += 1
-                    pause = P.backoff(attempt)
-                    if (not isinstance(err, FilipOverloadedError) or attempt > self.max_retries
-                            or (deadline is not None and time.monotonic() + pause >= deadline)):
+                    pause = P.retry_pause(err, attempt, self.max_retries, deadline)
+                    if pause is None:
                         raise err from e
             await asyncio.sleep(pause)
 

@@ -21,7 +21,7 @@ import numpy as np
 import tritonclient.grpc as grpc
 
 from . import _protocol as P
-from .errors import FilipError, FilipInvalidInputError, FilipOverloadedError, from_triton
+from .errors import FilipError, FilipInvalidInputError, from_triton
 from .types import Embeddings, Health
 
 
@@ -55,9 +55,8 @@ class FilipClient:
             except Exception as e:  # InferenceServerException and gRPC errors
                 err = from_triton(e, what)
                 attempt += 1
-                pause = P.backoff(attempt)
-                if (not isinstance(err, FilipOverloadedError) or attempt > self.max_retries
-                        or (deadline is not None and time.monotonic() + pause >= deadline)):
+                pause = P.retry_pause(err, attempt, self.max_retries, deadline)
+                if pause is None:
                     raise err from e
             time.sleep(pause)
 
