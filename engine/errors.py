@@ -41,3 +41,8 @@ class ExportError(FilipError):
 
 class ValidationError(FilipError):
     """A numerics gate (runtime vs PyTorch) failed; the message names the output and figures."""
+
+
+class GalleryError(FilipError):
+    """A gallery that is missing, incomplete, corrupt or incompatible (engine/gallery.py),
+    or a search that cannot run (no gallery loaded)."""

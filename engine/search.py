@@ -1,0 +1,371 @@
+"""Late-interaction search over a gallery: exact MaxSim and two-stage, plus the served endpoint.
+
+Ranking is by FILIP's text-to-image score (FILIP.md):
+
+    s_T(image, text) = (1/n2) * sum_r max_k <x_k, y_r>      (r over the text's real tokens)
+
+- **exact**: every gallery item is scored.  Chunks of ~40 images are converted to fp32 (int8
+  galleries dequantised with their per-token scales), multiplied against all queries' real
+  tokens at once (one GEMM per chunk, fp32 accumulation), maxed over patches and averaged
+  per query with a [L, n_queries] averaging matrix (so no padded token is ever computed).
+  The chunks are spread over one worker thread per core, each running single-threaded
+  torch kernels: measured on the 2-core machine that is faster than torch's own threading
+  for these narrow GEMMs (docs/BENCHMARKS.md).
+- **two_stage**: a first stage proposes ``candidates`` items per query, which are then
+  re-ranked exactly.  The default first stage is faiss's exact inner-product index over
+  each item's token centroid (the mean of its patch tokens) queried with the mean of the
+  query's tokens: that score is a lower bound of s_T (``<mean_k x_k, y_r> <= max_k <x_k, y_r>``),
+  so it orders items by a cheap proxy of the real score.  Any object with the
+  :class:`CandidateStage` interface can replace it (engine/qdrant_store.py: Qdrant).
+
+Why the kernel is hand-written: faiss and vector databases score single vectors (or, for
+multi-vector, ColBERT's sum of maxima with their own masks and no fp16/int8 MaxSim over a
+memory-mapped gallery); engine/interaction.py computes both directions for scoring pairs.
+Search needs only s_T, streamed over a memory map, with a running top-k.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from .errors import FilipError, GalleryError, InvalidInputError
+from .gallery import Gallery
+
+MODES = ("exact", "two_stage")
+CHUNK_IMAGES = 40                 # ~2 MB of fp32 B/32 tokens: converted and multiplied in cache
+DEFAULT_CANDIDATES = 2000
+
+
+# --- the kernel ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Queries:
+    """Queries as the kernel wants them: the real tokens of all queries stacked, and the
+    averaging matrix that turns per-token maxima into each query's s_T."""
+    tokens: torch.Tensor          # [L, D] fp32, L = sum of lengths
+    average: torch.Tensor         # [L, nq] fp32, 1/n2 where token l belongs to query q
+    mean: np.ndarray              # [nq, D] fp32 mean of each query's real tokens (first stage)
+    n: int
+
+    @classmethod
+    def from_tokens(cls, tokens: np.ndarray, lengths: np.ndarray) -> "Queries":
+        t = np.asarray(tokens)
+        lengths = np.asarray(lengths).reshape(-1)
+        problems = []
+        if t.ndim != 3 or 0 in t.shape or t.dtype.kind != "f":
+            problems.append(f"query tokens must be a float [nq, T, D] array, got {t.dtype} {list(t.shape)}")
+        elif lengths.shape != (t.shape[0],) or lengths.dtype.kind not in "iu":
+            problems.append(f"query lengths must be {t.shape[0]} integers, got {lengths.dtype} {list(lengths.shape)}")
+        elif lengths.min() < 1 or lengths.max() > t.shape[1]:
+            problems.append(f"query lengths must lie in [1, {t.shape[1]}], got {lengths.min()}..{lengths.max()}")
+        if problems:
+            raise InvalidInputError("; ".join(problems))
+        rows = [np.asarray(t[q, :n], np.float32) for q, n in enumerate(lengths)]
+        if not all(np.isfinite(r).all() for r in rows):
+            raise InvalidInputError("query tokens contain NaN or Inf")
+        stacked = np.concatenate(rows)
+        owner = np.repeat(np.arange(len(lengths)), lengths)
+        avg = np.zeros((len(stacked), len(lengths)), np.float32)
+        avg[np.arange(len(stacked)), owner] = 1.0 / lengths[owner]
+        mean = np.stack([r.mean(axis=0) for r in rows]).astype(np.float32)
+        return cls(torch.from_numpy(stacked), torch.from_numpy(avg), mean, len(lengths))
+
+    def one(self, i: int) -> "Queries":
+        """Query ``i`` alone."""
+        mine = self.average[:, i] > 0
+        return Queries(self.tokens[mine], self.average[mine][:, i:i + 1], self.mean[i:i + 1], 1)
+
+
+def s_t_block(x: torch.Tensor, q: Queries) -> torch.Tensor:
+    """s_T of every image in ``x`` (fp32 [c, P, D], all P tokens real) for every query -> [nq, c]."""
+    c, p, d = x.shape
+    sims = q.tokens @ x.reshape(c * p, d).T           # [L, c*P]
+    best = sims.view(-1, c, p).amax(dim=2)                              # [L, c] best patch per word
+    return q.average.T @ best                                           # [nq, c] masked means
+
+
+@contextmanager
+def _single_threaded_torch():
+    """Our worker threads each run one-thread kernels; restore torch's setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+_SCAN_LOCK = threading.Lock()     # torch's thread setting is process-wide: one parallel scan at a time
+
+
+def exact_scores(gallery: Gallery, q: Queries, *, workers: int | None = None,
+                 chunk_images: int = CHUNK_IMAGES) -> np.ndarray:
+    """s_T of every gallery item for every query -> fp32 [nq, N] (the whole gallery streamed once)."""
+    out = np.empty((q.n, gallery.count), np.float32)
+    work = list(gallery.chunks(chunk_images))
+    workers = max(1, min(workers or os.cpu_count() or 1, len(work) or 1))
+
+    def run(part):
+        with torch.inference_mode():
+            for row, seg, a, b in part:
+                out[:, row:row + b - a] = s_t_block(seg.tokens_fp32(a, b), q).numpy()
+
+    if workers == 1:
+        run(work)
+        return out
+    bounds = np.linspace(0, len(work), workers + 1).astype(int)
+    with _SCAN_LOCK, _single_threaded_torch(), ThreadPoolExecutor(workers) as pool:
+        for f in [pool.submit(run, work[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]:
+            f.result()
+    return out
+
+
+def scores_of_rows(gallery: Gallery, rows: np.ndarray, q: Queries, chunk_images: int = 512) -> np.ndarray:
+    """s_T of the given gallery rows only -> fp32 [nq, len(rows)] (gathered from the memory map)."""
+    out = np.empty((q.n, len(rows)), np.float32)
+    with torch.inference_mode():
+        for a in range(0, len(rows), chunk_images):
+            part = rows[a:a + chunk_images]
+            out[:, a:a + len(part)] = s_t_block(gallery.tokens_of(part), q).numpy()
+    return out
+
+
+def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the k best columns, best first (ties: lower column first) -> (cols, values)."""
+    k = min(k, scores.shape[1])
+    if k == 0:
+        return np.zeros((scores.shape[0], 0), np.int64), np.zeros((scores.shape[0], 0), np.float32)
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((part, -vals), axis=1)
+    cols = np.take_along_axis(part, order, axis=1)
+    return cols.astype(np.int64), np.take_along_axis(vals, order, axis=1)
+
+
+# --- first stages --------------------------------------------------------------------------------
+class CandidateStage(Protocol):
+    """What two-stage search needs from a first stage (local faiss, or a remote engine)."""
+    name: str
+
+    def candidates(self, q: Queries, n: int, allowed: np.ndarray | None) -> list[np.ndarray]:
+        """Per query, up to ``n`` gallery rows (int64) likely to score high; only rows in
+        ``allowed`` (sorted int64 rows) when given."""
+        ...
+
+
+class CentroidStage:
+    """faiss exact inner-product index over the items' token centroids."""
+    name = "centroid-flat"
+
+    def __init__(self, gallery: Gallery):
+        import faiss  # imported here: only two-stage search needs it
+
+        self._faiss = faiss
+        self.index = faiss.IndexFlatIP(gallery.dim)
+        if gallery.count:
+            self.index.add(np.ascontiguousarray(gallery.centroids()))
+
+    def candidates(self, q: Queries, n: int, allowed: np.ndarray | None) -> list[np.ndarray]:
+        params = None
+        if allowed is not None:
+            params = self._faiss.SearchParameters(sel=self._faiss.IDSelectorBatch(allowed))
+        n = min(n, self.index.ntotal if allowed is None else len(allowed))
+        if n == 0:
+            return [np.zeros(0, np.int64) for _ in range(q.n)]
+        _, rows = self.index.search(np.ascontiguousarray(q.mean), n, params=params)
+        return [r[r >= 0].astype(np.int64) for r in rows]
+
+
+# --- search --------------------------------------------------------------------------------------
+@dataclass
+class Hits:
+    rows: np.ndarray              # [nq, k'] int64 gallery rows, best first
+    scores: np.ndarray            # [nq, k'] float32 s_T
+    timings_ms: dict = field(default_factory=dict)
+
+
+class Searcher:
+    """A gallery with its first stage, ready to answer queries."""
+
+    def __init__(self, gallery: Gallery, stage: CandidateStage | None = None, *, workers: int | None = None):
+        self.gallery = gallery
+        self.workers = workers
+        t = time.perf_counter()
+        self.stage = stage if stage is not None else CentroidStage(gallery)
+        self.stage_build_ms = (time.perf_counter() - t) * 1e3
+
+    def search(self, q: Queries, k: int = 10, *, mode: str = "exact", candidates: int = DEFAULT_CANDIDATES,
+               allowed_ids: Sequence[str] | None = None) -> Hits:
+        if mode not in MODES:
+            raise InvalidInputError(f"mode must be one of {MODES}, got {mode!r}")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise InvalidInputError(f"k must be a positive integer, got {k!r}")
+        if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
+            raise InvalidInputError(f"candidates must be a positive integer, got {candidates!r}")
+        if q.tokens.shape[1] != self.gallery.dim:
+            raise InvalidInputError(f"query tokens have dimension {q.tokens.shape[1]}; the gallery holds {self.gallery.dim}")
+        g = self.gallery
+        allowed = None if allowed_ids is None else g.rows_of(allowed_ids)
+        t0 = time.perf_counter()
+        if allowed is not None and len(allowed) <= max(candidates, g.count // 4):
+            # Few allowed items: scoring them all exactly is cheaper than any first stage.
+            cols, vals = _top_k(scores_of_rows(g, allowed, q), k)
+            return Hits(allowed[cols] if len(allowed) else cols, vals, {"exact": _ms(t0)})
+        if mode == "exact":
+            s = exact_scores(g, q, workers=self.workers)
+            if allowed is not None:
+                keep = np.zeros(g.count, bool)
+                keep[allowed] = True
+                s[:, ~keep] = -np.inf
+            cols, vals = _top_k(s, min(k, g.count if allowed is None else len(allowed)))
+            return Hits(cols, vals, {"exact": _ms(t0)})
+        cands = self.stage.candidates(q, candidates, allowed)
+        t1 = time.perf_counter()
+        kk = min([k] + [len(c) for c in cands])
+        rows = np.zeros((q.n, kk), np.int64)
+        vals = np.zeros((q.n, kk), np.float32)
+        for i, c in enumerate(cands):      # each query re-ranks its own candidates only
+            c = np.sort(c)
+            cols, v = _top_k(scores_of_rows(g, c, q.one(i)), kk)
+            rows[i], vals[i] = c[cols[0]], v[0]
+        return Hits(rows, vals, {"first_stage": (t1 - t0) * 1e3, "rerank": _ms(t1)})
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1e3
+
+
+# --- the served endpoint ---------------------------------------------------------------------------
+MAX_QUERIES = 64
+MAX_K = 1000
+MAX_CANDIDATES = 100_000
+
+EmbedTexts = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
+
+
+def _scalar_str(raw, what: str) -> str:
+    items = list(np.asarray(raw, dtype=object).reshape(-1))
+    if len(items) != 1:
+        raise InvalidInputError(f"{what} must hold exactly one value, got {len(items)}")
+    v = items[0]
+    if isinstance(v, (bytes, bytearray, np.bytes_)):
+        try:
+            v = bytes(v).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidInputError(f"{what} is not valid UTF-8") from e
+    if not isinstance(v, str):
+        raise InvalidInputError(f"{what} must be a UTF-8 string")
+    return v
+
+
+def _scalar_int(raw, what: str, lo: int, hi: int) -> int:
+    a = np.asarray(raw)
+    if a.dtype.kind not in "iu" or a.size != 1:
+        raise InvalidInputError(f"{what} must be one integer, got {a.dtype} {list(a.shape)}")
+    v = int(a.reshape(-1)[0])
+    if not lo <= v <= hi:
+        raise InvalidInputError(f"{what} must lie in [{lo}, {hi}], got {v}")
+    return v
+
+
+def _strings(raw, what: str) -> list[str]:
+    out = []
+    for i, v in enumerate(np.asarray(raw, dtype=object).reshape(-1)):
+        if isinstance(v, (bytes, bytearray, np.bytes_)):
+            try:
+                v = bytes(v).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InvalidInputError(f"{what}[{i}] is not valid UTF-8") from e
+        if not isinstance(v, str):
+            raise InvalidInputError(f"{what}[{i}] must be a UTF-8 string")
+        out.append(v)
+    return out
+
+
+def _check_name(name: str) -> str:
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+        raise InvalidInputError(f"gallery name {name!r} must be a plain folder name under the gallery root")
+    return name
+
+
+class SearchEndpoint:
+    """filip_search: loads the gallery ``<gallery_root>/<gallery>`` at start and on request.
+
+    A request carries either RELOAD (a gallery name: load it, verify it, swap it in; on any
+    problem the previous gallery stays and the request fails with the reason) or TEXT
+    (queries, embedded by ``embed_texts``, i.e. the text front end) with optional K, MODE,
+    CANDIDATES and ALLOWED_IDS.  Outputs: IDS, SCORES, METADATA (JSON per hit) [nq, k'] and
+    INFO (JSON: gallery, mode, timings)."""
+
+    def __init__(self, version_dir: Path | None, params: dict[str, str], embed_texts: EmbedTexts):
+        root = os.environ.get("FILIP_GALLERY_ROOT") or params.get("gallery_root") or ""
+        self.root = Path(root) if root else Path(version_dir or ".").parent / "galleries"
+        self.embed_texts = embed_texts
+        self.verify = params.get("gallery_verify", "full")
+        self.searcher: Searcher | None = None
+        self.name: str | None = None
+        self.load_error: str | None = None
+        name = params.get("gallery", "default")
+        try:
+            self.reload(name)
+        except FilipError as e:   # the model still loads; searches explain what is missing
+            self.load_error = str(e)
+
+    def reload(self, name: str) -> dict:
+        path = self.root / _check_name(name)
+        t = time.perf_counter()
+        searcher = Searcher(Gallery.open(path, verify=self.verify))    # raises before anything is swapped
+        self.searcher, self.name, self.load_error = searcher, name, None
+        return {**searcher.gallery.info(), "name": name, "load_ms": round(_ms(t), 1)}
+
+    def _search(self, inputs: dict) -> dict[str, np.ndarray]:
+        if inputs.get("RELOAD") is not None:
+            info = self.reload(_scalar_str(inputs["RELOAD"], "RELOAD"))
+            return {"INFO": np.array([json.dumps(info).encode()], dtype=object)}
+        if inputs.get("TEXT") is None:
+            raise InvalidInputError("give TEXT (queries) or RELOAD (a gallery name)")
+        if self.searcher is None:
+            raise GalleryError(f"no gallery is loaded ({self.load_error}); index one into {self.root}/<name> "
+                               "and send RELOAD with its name")
+        texts = _strings(inputs["TEXT"], "TEXT")
+        if not 1 <= len(texts) <= MAX_QUERIES:
+            raise InvalidInputError(f"{len(texts)} queries in one request; give 1 to {MAX_QUERIES}")
+        k = _scalar_int(inputs["K"], "K", 1, MAX_K) if inputs.get("K") is not None else 10
+        mode = _scalar_str(inputs["MODE"], "MODE") if inputs.get("MODE") is not None else "exact"
+        cands = (_scalar_int(inputs["CANDIDATES"], "CANDIDATES", 1, MAX_CANDIDATES)
+                 if inputs.get("CANDIDATES") is not None else DEFAULT_CANDIDATES)
+        allowed = _strings(inputs["ALLOWED_IDS"], "ALLOWED_IDS") if inputs.get("ALLOWED_IDS") is not None else None
+        if mode not in MODES:
+            raise InvalidInputError(f"MODE must be one of {MODES}, got {mode!r}")
+        searcher = self.searcher
+        t = time.perf_counter()
+        tokens, lengths = self.embed_texts(texts)
+        embed_ms = _ms(t)
+        hits = searcher.search(Queries.from_tokens(tokens, lengths), k, mode=mode, candidates=cands, allowed_ids=allowed)
+        g = searcher.gallery
+        ids = np.array([[g.ids[r].encode() for r in row] for row in hits.rows], dtype=object).reshape(hits.rows.shape)
+        meta = np.array([[json.dumps(g.metadata(r)).encode() for r in row] for row in hits.rows],
+                        dtype=object).reshape(hits.rows.shape)
+        info = {"gallery": self.name, "count": g.count, "mode": mode, "k": int(hits.rows.shape[1]),
+                "candidates": cands if mode == "two_stage" else None,
+                "timings_ms": {"embed": round(embed_ms, 2), **{a: round(b, 2) for a, b in hits.timings_ms.items()}}}
+        return {"IDS": ids, "SCORES": hits.scores.astype(np.float32), "METADATA": meta,
+                "INFO": np.array([json.dumps(info).encode()], dtype=object)}
+
+    def __call__(self, requests: Sequence[dict]) -> list[dict[str, np.ndarray] | FilipError]:
+        results: list = []
+        for inputs in requests:
+            try:
+                results.append(self._search(inputs))
+            except FilipError as e:
+                results.append(e)
+        return results
