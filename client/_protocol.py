@@ -12,12 +12,18 @@ from typing import Any, Sequence, Union
 import numpy as np
 
 from .errors import FilipInvalidInputError
-from .types import Embeddings
+from .types import Embeddings, Hit
 
 TEXT_MODEL = "filip_text"
 IMAGE_MODEL = "filip_image"
 SCORE_MODEL = "filip_score"
-MODELS = (TEXT_MODEL, IMAGE_MODEL, SCORE_MODEL)
+SEARCH_MODEL = "filip_search"
+MODELS = (TEXT_MODEL, IMAGE_MODEL, SCORE_MODEL, SEARCH_MODEL)
+SEARCH_MODES = ("exact", "two_stage")
+SEARCH_OUTPUTS = ("IDS", "SCORES", "METADATA", "INFO")
+MAX_QUERIES = 64              # queries per search request (engine.search.MAX_QUERIES)
+MAX_K = 1000
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 EMBED_OUTPUTS = ("TOKENS", "LENGTHS", "POOLED")
 
 # The server's per-request limits (engine.serving.ServingLimits) are published as ``limit_*``
@@ -163,6 +169,63 @@ def score_inputs(grpc, images: Embeddings, texts: Embeddings) -> list:
         inp.set_data_from_numpy(a)
         out.append(inp)
     return out
+
+
+def search_inputs(grpc, texts: Sequence[str], k: int, mode: str, candidates: int | None,
+                  allowed_ids: Sequence[str] | None) -> list:
+    """Inputs of one filip_search request (validated here first)."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise FilipInvalidInputError(f"k must be an integer in 1..{MAX_K}, got {k!r}")
+    if mode not in SEARCH_MODES:
+        raise FilipInvalidInputError(f"mode must be one of {SEARCH_MODES}, got {mode!r}")
+    if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1):
+        raise FilipInvalidInputError(f"candidates must be a positive integer, got {candidates!r}")
+    arrays = {"TEXT": (np.array([t.encode("utf-8") for t in texts], dtype=np.object_), "BYTES"),
+              "K": (np.array([k], np.int32), "INT32"),
+              "MODE": (np.array([mode.encode()], dtype=np.object_), "BYTES")}
+    if candidates is not None:
+        arrays["CANDIDATES"] = (np.array([candidates], np.int32), "INT32")
+    if allowed_ids is not None:
+        if isinstance(allowed_ids, str) or not allowed_ids or not all(isinstance(i, str) for i in allowed_ids):
+            raise FilipInvalidInputError("allowed_ids must be a non-empty list of id strings")
+        arrays["ALLOWED_IDS"] = (np.array([i.encode("utf-8") for i in allowed_ids], dtype=np.object_), "BYTES")
+    out = []
+    for name, (a, dtype) in arrays.items():
+        inp = grpc.InferInput(name, list(a.shape), dtype)
+        inp.set_data_from_numpy(a)
+        out.append(inp)
+    return out
+
+
+def reload_inputs(grpc, name: str) -> list:
+    if not isinstance(name, str) or not name:
+        raise FilipInvalidInputError(f"gallery name must be a non-empty string, got {name!r}")
+    inp = grpc.InferInput("RELOAD", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([name.encode("utf-8")], dtype=np.object_))
+    return [inp]
+
+
+def parse_hits(result, what: str = SEARCH_MODEL) -> tuple[list[list[Hit]], dict]:
+    import json
+    ids, scores, meta = (output(result, n, what) for n in ("IDS", "SCORES", "METADATA"))
+    info = parse_info(result, what)
+    hits = [[Hit(bytes(i).decode("utf-8"), float(s), json.loads(bytes(m).decode("utf-8")))
+             for i, s, m in zip(ids[q], scores[q], meta[q])] for q in range(ids.shape[0])]
+    return hits, info
+
+
+def parse_info(result, what: str = SEARCH_MODEL) -> dict:
+    import json
+    return json.loads(bytes(output(result, "INFO", what).reshape(-1)[0]).decode())
+
+
+def image_folder(folder) -> tuple[list[Path], list[str]]:
+    """Image files under ``folder`` (recursive, sorted) and their ids (POSIX paths relative to it)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FilipInvalidInputError(f"{root} is not a folder")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return files, [p.relative_to(root).as_posix() for p in files]
 
 
 def requested(grpc, names: Sequence[str]) -> list:

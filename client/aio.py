@@ -14,7 +14,7 @@ import tritonclient.grpc.aio as grpc_aio
 from . import _protocol as P
 from .errors import FilipError, FilipInvalidInputError, from_triton
 from .sync import _progress
-from .types import Embeddings, Health
+from .types import Embeddings, Health, Hit, IndexReport
 
 
 class AsyncFilipClient:
@@ -29,6 +29,7 @@ class AsyncFilipClient:
                                                     private_key=private_key, certificate_chain=certificate_chain)
         self._sem: asyncio.Semaphore | None = None
         self._configs: dict[str, dict] = {}
+        self.last_search_info: dict | None = None
 
     async def _call(self, model: str, inputs: list, outputs: Sequence[str], timeout: float | None, what: str):
         if self._sem is None:
@@ -126,6 +127,39 @@ class AsyncFilipClient:
         amap = P.output(res, "ALIGNMENT", P.SCORE_MODEL)[0, 0]
         g = math.isqrt(amap.shape[0])
         return amap.reshape(g, g) if g * g == amap.shape[0] else amap
+
+    async def search(self, texts: Sequence[str], *, k: int = 10, mode: str = "exact", candidates: int | None = None,
+                     allowed_ids: Sequence[str] | None = None, timeout: float | None = None) -> list[list[Hit]]:
+        texts = P.check_texts(texts, P.served_limits(await self._config(P.TEXT_MODEL))["max_text_chars"])
+        if allowed_ids is not None and len(allowed_ids) == 0:
+            return [[] for _ in texts]
+        out: list[list[Hit]] = []
+        for a, b in P.chunks(len(texts), P.MAX_QUERIES):
+            res = await self._call(P.SEARCH_MODEL, P.search_inputs(grpc, texts[a:b], k, mode, candidates, allowed_ids),
+                                   P.SEARCH_OUTPUTS, timeout, f"search texts {a}..{b - 1}")
+            hits, self.last_search_info = P.parse_hits(res)
+            out += hits
+        return out
+
+    async def reload_gallery(self, name: str, *, timeout: float | None = None) -> dict:
+        res = await self._call(P.SEARCH_MODEL, P.reload_inputs(grpc, name), ["INFO"], timeout, f"reload gallery {name!r}")
+        return P.parse_info(res)
+
+    async def index_images(self, images, gallery, *, ids=None, metadata=None, token_dtype: str = "float16",
+                           batch_size: int = 16, commit_every: int = 256, progress: bool = True,
+                           timeout: float | None = None) -> IndexReport:
+        """As FilipClient.index_images: the file writing runs in a worker thread, the embedding
+        requests on this event loop."""
+        from .indexing import index_images
+        loop = asyncio.get_running_loop()
+
+        def embed(items):
+            coro = self.embed_images(items, batch_size=batch_size, timeout=timeout)
+            return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+        return await loop.run_in_executor(None, lambda: index_images(
+            embed, images, gallery, ids=ids, metadata=metadata, token_dtype=token_dtype,
+            commit_every=commit_every, progress=progress))
 
     async def logit_scale(self) -> float:
         return float((await self._config(P.SCORE_MODEL))["parameters"]["logit_scale"]["string_value"])

@@ -13,6 +13,7 @@ Long inputs are split into requests of ``batch_size`` items sent with at most
 from __future__ import annotations
 
 import math
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping, Sequence
@@ -22,7 +23,7 @@ import tritonclient.grpc as grpc
 
 from . import _protocol as P
 from .errors import FilipError, FilipInvalidInputError, from_triton
-from .types import Embeddings, Health
+from .types import Embeddings, Health, Hit, IndexReport
 
 
 class FilipClient:
@@ -41,6 +42,7 @@ class FilipClient:
                                                 private_key=private_key, certificate_chain=certificate_chain)
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="filip-client")
         self._configs: dict[str, dict] = {}
+        self.last_search_info: dict | None = None
 
     # --- plumbing ------------------------------------------------------------------------
     def _call(self, model: str, inputs: list, outputs: Sequence[str], timeout: float | None, what: str):
@@ -153,6 +155,42 @@ class FilipClient:
         amap = P.output(res, "ALIGNMENT", P.SCORE_MODEL)[0, 0]
         g = math.isqrt(amap.shape[0])
         return amap.reshape(g, g) if g * g == amap.shape[0] else amap
+
+    def search(self, texts: Sequence[str], *, k: int = 10, mode: str = "exact", candidates: int | None = None,
+               allowed_ids: Sequence[str] | None = None, timeout: float | None = None) -> list[list[Hit]]:
+        """Top-``k`` gallery items per text by s_T, best first, as :class:`Hit` (id, score, metadata).
+
+        ``mode``: "exact" (every item scored) or "two_stage" (``candidates`` items per query
+        from the first stage, default 2000, re-ranked exactly); ``allowed_ids``: only these
+        items.  The server's gallery and timings of the last call are in ``last_search_info``."""
+        texts = P.check_texts(texts, self._limits(P.TEXT_MODEL)["max_text_chars"])
+        if allowed_ids is not None and len(allowed_ids) == 0:
+            return [[] for _ in texts]
+        out: list[list[Hit]] = []
+        for a, b in P.chunks(len(texts), P.MAX_QUERIES):
+            res = self._call(P.SEARCH_MODEL, P.search_inputs(grpc, texts[a:b], k, mode, candidates, allowed_ids),
+                             P.SEARCH_OUTPUTS, timeout, f"search texts {a}..{b - 1}")
+            hits, self.last_search_info = P.parse_hits(res)
+            out += hits
+        return out
+
+    def reload_gallery(self, name: str, *, timeout: float | None = None) -> dict:
+        """Make filip_search load the gallery ``name`` (a folder under its gallery root),
+        verified, without a restart; on any problem the previous gallery stays served and
+        this raises with the reason.  Returns the loaded gallery's info."""
+        res = self._call(P.SEARCH_MODEL, P.reload_inputs(grpc, name), ["INFO"], timeout, f"reload gallery {name!r}")
+        return P.parse_info(res)
+
+    def index_images(self, images: Sequence[P.ImageLike] | str | os.PathLike, gallery: str | os.PathLike, *,
+                     ids: Sequence[str] | None = None, metadata: Sequence[Mapping | None] | None = None,
+                     token_dtype: str = "float16", batch_size: int = 16, commit_every: int = 256,
+                     progress: bool = True, timeout: float | None = None) -> IndexReport:
+        """Embed ``images`` (a list, or a folder searched recursively) through the server and
+        append them to the gallery folder ``gallery`` (see client.indexing; resumable)."""
+        from .indexing import index_images
+        return index_images(lambda items: self.embed_images(items, batch_size=batch_size, timeout=timeout),
+                            images, gallery, ids=ids, metadata=metadata, token_dtype=token_dtype,
+                            commit_every=commit_every, progress=progress)
 
     def logit_scale(self) -> float:
         """The model's similarity multiplier (exp of its logit scale), from the served config."""

@@ -1,7 +1,7 @@
 """Typed results of the client (no dependency on the engine)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,6 +28,29 @@ class Embeddings:
         t = max(p.tokens.shape[1] for p in parts)
         tokens = np.concatenate([np.pad(p.tokens, ((0, 0), (0, t - p.tokens.shape[1]), (0, 0))) for p in parts])
         return Embeddings(tokens, np.concatenate([p.lengths for p in parts]), np.concatenate([p.pooled for p in parts]))
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: the gallery item's id, its s_T score, and its stored metadata."""
+    id: str
+    score: float
+    metadata: dict
+
+
+@dataclass
+class IndexReport:
+    """What ``index_images`` did: items added now, already present (skipped), failed (id -> why)."""
+    gallery: str
+    added: int = 0
+    skipped: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    total: int = 0                   # items in the gallery afterwards
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.added / self.seconds if self.seconds else 0.0
 
 
 @dataclass(frozen=True)

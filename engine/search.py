@@ -308,7 +308,8 @@ class SearchEndpoint:
 
     def __init__(self, version_dir: Path | None, params: dict[str, str], embed_texts: EmbedTexts):
         root = os.environ.get("FILIP_GALLERY_ROOT") or params.get("gallery_root") or ""
-        self.root = Path(root) if root else Path(version_dir or ".").parent / "galleries"
+        # default: "galleries" beside the model repository (version_dir is <repo>/filip_search/1)
+        self.root = Path(root) if root else Path(version_dir or "./x/1").resolve().parent.parent.parent / "galleries"
         self.embed_texts = embed_texts
         self.verify = params.get("gallery_verify", "full")
         self.searcher: Searcher | None = None

@@ -8,6 +8,8 @@ Models (all Python backend; the adapters are the tracked files
 - ``filip_image`` : IMAGE (encoded JPEG/PNG/WebP/... bytes) or PIXEL_VALUES (preprocessed)
                     -> TOKENS, LENGTHS, POOLED; decodes + preprocesses on the server.
 - ``filip_score`` : IMAGE_TOKENS/LENGTHS + TEXT_TOKENS/LENGTHS -> S_I, S_T (+ ALIGNMENT).
+- ``filip_search``: TEXT queries (embedded through filip_text) -> top-k IDS, SCORES, METADATA
+                    over a pre-computed gallery; RELOAD swaps in a gallery (engine/search.py).
 
 Each call of the client is one request to one of these models.  ``config.pbtxt`` is
 generated from the checkpoint's config (dimensions), with dynamic batching, instance
@@ -26,7 +28,7 @@ from engine.config import FilipConfig
 from engine.serving import ServingLimits
 
 ADAPTERS = Path(__file__).resolve().parent.parent / "triton_models"
-MODELS = ("filip_text", "filip_image", "filip_score")
+MODELS = ("filip_text", "filip_image", "filip_score", "filip_search")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,11 @@ class RepoSettings:
     max_queue_size: int = 256
     queue_timeout_us: int = 30_000_000
     limits: ServingLimits = ServingLimits()   # per-request limits, enforced by the models
+    # filip_search: galleries are folders under gallery_root ("" = <repository>/../galleries,
+    # overridden by $FILIP_GALLERY_ROOT); `gallery` is loaded at start when it exists.
+    gallery_root: str = ""
+    gallery: str = "default"
+    gallery_verify: str = "full"             # "full": sizes + SHA-256 at (re)load; "size": sizes only
 
 
 def _tensor(name: str, dtype: str, dims: list[int], optional: bool = False) -> str:
@@ -107,6 +114,19 @@ def model_configs(cfg: FilipConfig, s: RepoSettings, logit_scale: float) -> dict
                                        _tensor("TEXT_LENGTHS", "TYPE_INT32", [-1])],
                                outputs=[_tensor("S_I", "TYPE_FP32", [-1, -1]), _tensor("S_T", "TYPE_FP32", [-1, -1]),
                                         _tensor("ALIGNMENT", "TYPE_INT32", [-1, -1, -1])]),
+        # One instance: it holds the gallery (memory-mapped) and RELOAD must reach the instance
+        # that serves; its exact scan already uses every core (engine/search.py).
+        "filip_search": _config("filip_search", max_batch=0, instances=1, queue_delay_us=None,
+                                params={**root, "text_max_batch": str(s.max_batch), "gallery_root": s.gallery_root,
+                                        "gallery": s.gallery, "gallery_verify": s.gallery_verify},
+                                inputs=[_tensor("TEXT", "TYPE_STRING", [-1], optional=True),
+                                        _tensor("K", "TYPE_INT32", [1], optional=True),
+                                        _tensor("MODE", "TYPE_STRING", [1], optional=True),
+                                        _tensor("CANDIDATES", "TYPE_INT32", [1], optional=True),
+                                        _tensor("ALLOWED_IDS", "TYPE_STRING", [-1], optional=True),
+                                        _tensor("RELOAD", "TYPE_STRING", [1], optional=True)],
+                                outputs=[_tensor("IDS", "TYPE_STRING", [-1, -1]), _tensor("SCORES", "TYPE_FP32", [-1, -1]),
+                                         _tensor("METADATA", "TYPE_STRING", [-1, -1]), _tensor("INFO", "TYPE_STRING", [1])]),
     }
 
 

@@ -1,0 +1,125 @@
+"""Indexing images into a gallery through the server (shared by FilipClient and AsyncFilipClient),
+and its command line:
+
+    python -m client.indexing --url localhost:8001 --gallery galleries/photos photos/ [--reload photos]
+
+Images are embedded by the served filip_image model and written with
+:class:`client.gallery.GalleryWriter` in commits of ``commit_every`` items.  A run that is
+killed loses nothing it had committed; running it again skips the ids already in the
+gallery.  A bad image (corrupt, missing, too large) is reported in the result and skipped;
+the others are indexed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from . import _protocol as P
+from .errors import FilipError, FilipInvalidInputError
+from .gallery import GalleryWriter
+from .types import Embeddings, IndexReport
+
+
+def _resolve(images, ids, metadata) -> tuple[list, list[str], list]:
+    if isinstance(images, (str, os.PathLike)):
+        files, found = P.image_folder(images)
+        images = files
+        ids = list(ids) if ids is not None else found
+        metadata = list(metadata) if metadata is not None else [{"path": str(f)} for f in files]
+    else:
+        images = list(images)
+        if ids is None:
+            if not all(isinstance(im, (str, os.PathLike)) for im in images):
+                raise FilipInvalidInputError("ids are required unless every image is a file path")
+            ids = [str(im) for im in images]
+        ids = list(ids)
+        metadata = list(metadata) if metadata is not None else [None] * len(images)
+    if len(ids) != len(images) or len(metadata) != len(images):
+        raise FilipInvalidInputError(f"{len(images)} images, {len(ids)} ids and {len(metadata)} metadata entries")
+    if len(set(ids)) != len(ids):
+        raise FilipInvalidInputError("ids must be unique")
+    return images, ids, metadata
+
+
+def index_images(embed: Callable[[list], Embeddings], images: Sequence[P.ImageLike] | str | os.PathLike,
+                 gallery: str | os.PathLike, *, ids: Sequence[str] | None = None,
+                 metadata: Sequence[Mapping[str, Any] | None] | None = None, token_dtype: str = "float16",
+                 commit_every: int = 256, progress: bool = True) -> IndexReport:
+    """``embed(list_of_images) -> Embeddings`` is the client's embed_images."""
+    if commit_every < 1:
+        raise FilipInvalidInputError(f"commit_every must be at least 1, got {commit_every}")
+    images, ids, metadata = _resolve(images, ids, metadata)
+    report = IndexReport(gallery=str(gallery))
+    t0 = time.perf_counter()
+    with GalleryWriter(gallery, token_dtype=token_dtype) as w:
+        todo = [i for i in range(len(images)) if ids[i] not in w]
+        report.skipped = len(images) - len(todo)
+        bar = None
+        if progress and todo:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(todo), unit="img", desc=f"indexing {Path(gallery).name}")
+        try:
+            for a in range(0, len(todo), commit_every):
+                group = todo[a:a + commit_every]
+                try:
+                    parts, ok = [embed([images[i] for i in group])], group
+                except FilipInvalidInputError:
+                    parts, ok = [], []           # isolate the bad image(s): one request each
+                    for i in group:
+                        try:
+                            parts.append(embed([images[i]]))
+                            ok.append(i)
+                        except FilipInvalidInputError as e:
+                            report.failed[ids[i]] = str(e)
+                if ok:
+                    emb = Embeddings.concat(parts)
+                    w.add([ids[i] for i in ok], emb.tokens, emb.pooled, [metadata[i] for i in ok])
+                    report.added += len(ok)
+                if bar is not None:
+                    bar.update(len(group))
+        finally:
+            if bar is not None:
+                bar.close()
+        report.total = w.count
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m client.indexing", description="Embed images through the server into a gallery.")
+    p.add_argument("images", nargs="+", help="image files, or one folder (searched recursively)")
+    p.add_argument("--gallery", required=True, type=Path, help="gallery folder (created, or resumed if it exists)")
+    p.add_argument("--url", default="localhost:8001", help="Triton gRPC address (default localhost:8001)")
+    p.add_argument("--token-dtype", choices=["float16", "int8"], default="float16",
+                   help="stored token precision: float16 (default) or int8 with a per-token scale")
+    p.add_argument("--batch-size", type=int, default=16, help="images per request (default 16)")
+    p.add_argument("--commit-every", type=int, default=256, help="images per committed segment (default 256)")
+    p.add_argument("--reload", metavar="NAME", default=None,
+                   help="afterwards, tell filip_search to load the gallery NAME (a folder under its gallery root)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    from .sync import FilipClient
+    images = args.images[0] if len(args.images) == 1 and Path(args.images[0]).is_dir() else args.images
+    try:
+        with FilipClient(args.url) as client:
+            r = client.index_images(images, args.gallery, token_dtype=args.token_dtype, batch_size=args.batch_size,
+                                    commit_every=args.commit_every, progress=not args.no_progress)
+            print(f"{r.gallery}: added {r.added}, skipped {r.skipped} already indexed, failed {len(r.failed)}; "
+                  f"{r.total} items; {r.images_per_s:.1f} images/s")
+            for item_id, why in r.failed.items():
+                print(f"  failed {item_id}: {why}", file=sys.stderr)
+            if args.reload:
+                info = client.reload_gallery(args.reload)
+                print(f"filip_search loaded {args.reload!r}: {info['count']} items in {info['load_ms']} ms")
+    except FilipError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if not r.failed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
