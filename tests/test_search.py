@@ -1,0 +1,184 @@
+"""Search over a gallery: exact MaxSim against a NumPy brute force, two-stage recall measured
+against exact, filters, and the served endpoint's behaviour (errors, reload that keeps the
+previous gallery) without a server."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from client.gallery import GalleryWriter
+from client.gallery_synth import SyntheticSpec, load_queries, synthesize
+from engine.errors import GalleryError, InvalidInputError
+from engine.gallery import Gallery
+from engine.search import Queries, Searcher, SearchEndpoint, exact_scores
+
+SPEC = dict(dim=64, tokens=12, topics=40, words=300, words_per_topic=12, seed=7)
+
+
+def brute_force_s_t(tokens: np.ndarray, q_tokens: np.ndarray, q_lengths: np.ndarray) -> np.ndarray:
+    """Independent NumPy MaxSim in float64: [nq, N] mean over real query tokens of max over patches."""
+    x = tokens.astype(np.float64)
+    out = np.empty((len(q_lengths), len(x)))
+    for i, n in enumerate(q_lengths):
+        sims = np.einsum("npd,td->ntp", x, q_tokens[i, :n].astype(np.float64))
+        out[i] = sims.max(axis=2).mean(axis=1)
+    return out
+
+
+def top_ids(scores: np.ndarray, k: int) -> list[list[int]]:
+    return [list(np.argsort(-row, kind="stable")[:k]) for row in scores]
+
+
+@pytest.fixture(scope="module", params=["float16", "int8"])
+def gallery(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(f"search-{request.param}") / "g"
+    synthesize(path, 3000, segment=700, token_dtype=request.param, spec=SyntheticSpec(**SPEC), n_queries=24)
+    return Gallery.open(path)
+
+
+def test_exact_search_equals_numpy_brute_force(gallery):
+    qt, ql, _ = load_queries(gallery.path)
+    stored = gallery.tokens_of(np.arange(gallery.count)).numpy()     # the values the gallery holds
+    ref = brute_force_s_t(stored, qt, ql)
+    hits = Searcher(gallery).search(Queries.from_tokens(qt, ql), 10)
+    assert [list(r) for r in hits.rows] == top_ids(ref, 10)
+    np.testing.assert_allclose(hits.scores, np.take_along_axis(ref, hits.rows, axis=1), rtol=0, atol=2e-6)
+    # every score, not just the top: the streamed scan over all segments and workers
+    np.testing.assert_allclose(exact_scores(gallery, Queries.from_tokens(qt, ql), workers=2), ref, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(exact_scores(gallery, Queries.from_tokens(qt, ql), workers=1, chunk_images=7), ref,
+                               rtol=0, atol=2e-6)
+
+
+def test_padding_of_queries_never_counts(gallery):
+    qt, ql, _ = load_queries(gallery.path)
+    garbage = qt.copy()
+    for i, n in enumerate(ql):
+        garbage[i, n:] = 123.0
+    s1 = exact_scores(gallery, Queries.from_tokens(qt, ql))
+    s2 = exact_scores(gallery, Queries.from_tokens(garbage, ql))
+    assert np.array_equal(s1, s2)
+
+
+def test_two_stage_recall_is_measured(gallery):
+    """Recall@10 of two-stage against exact, at a few candidate counts; all candidates = exact."""
+    qt, ql, _ = load_queries(gallery.path)
+    q = Queries.from_tokens(qt, ql)
+    s = Searcher(gallery)
+    exact = s.search(q, 10)
+    recalls = {}
+    for c in (50, 200, 3000):
+        two = s.search(q, 10, mode="two_stage", candidates=c)
+        recalls[c] = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact.rows, two.rows)])
+        # re-ranked scores are exact scores of the returned items
+        full = exact_scores(gallery, q)
+        np.testing.assert_allclose(two.scores, np.take_along_axis(full, two.rows, axis=1), rtol=0, atol=1e-6)
+    print(f"recall@10 by candidates: {recalls}")
+    assert recalls[3000] == 1.0                          # every item a candidate: exactly the exact result
+    assert recalls[50] <= recalls[200] <= recalls[3000]
+    assert recalls[200] >= 0.9, recalls                  # this clustered gallery: the centroid stage works
+
+
+def test_allowed_ids_filter(gallery):
+    qt, ql, _ = load_queries(gallery.path)
+    q = Queries.from_tokens(qt[:3], ql[:3])
+    s = Searcher(gallery)
+    full = exact_scores(gallery, q)
+    rng = np.random.default_rng(0)
+    for n_allowed in (5, 40, 2500):                       # gather path, and mask path
+        allowed_rows = np.sort(rng.choice(gallery.count, n_allowed, replace=False))
+        allowed = [gallery.ids[r] for r in allowed_rows]
+        for mode in ("exact", "two_stage"):
+            hits = s.search(q, 10, mode=mode, candidates=3000, allowed_ids=allowed)
+            assert set(hits.rows.ravel()) <= set(allowed_rows)
+            sub = full[:, allowed_rows]
+            want = [list(allowed_rows[np.argsort(-r, kind="stable")[:min(10, n_allowed)]]) for r in sub]
+            assert [list(r) for r in hits.rows] == want, (n_allowed, mode)
+    assert s.search(q, 10, allowed_ids=["no-such-id"]).rows.shape == (3, 0)
+
+
+def test_k_larger_than_gallery_and_bad_arguments(tmp_path):
+    rng = np.random.default_rng(0)
+    t = rng.standard_normal((3, 4, 8)).astype(np.float32)
+    t /= np.linalg.norm(t, axis=-1, keepdims=True)
+    with GalleryWriter(tmp_path / "g") as w:
+        w.add(["a", "b", "c"], t, np.zeros((3, 2), np.float32))
+    s = Searcher(Gallery.open(tmp_path / "g"))
+    q = Queries.from_tokens(t[:2, :3], np.array([3, 2]))
+    for mode in ("exact", "two_stage"):
+        assert s.search(q, 50, mode=mode).rows.shape == (2, 3)
+    with pytest.raises(InvalidInputError, match="mode"):
+        s.search(q, 5, mode="fast")
+    with pytest.raises(InvalidInputError, match="k must be"):
+        s.search(q, 0)
+    with pytest.raises(InvalidInputError, match="dimension"):
+        s.search(Queries.from_tokens(np.ones((1, 2, 4), np.float32), np.array([2])), 5)
+    with pytest.raises(InvalidInputError, match="lengths must lie"):
+        Queries.from_tokens(t[:1], np.array([9]))
+    with pytest.raises(InvalidInputError, match="NaN"):
+        Queries.from_tokens(np.full((1, 2, 8), np.nan, np.float32), np.array([2]))
+
+
+# --- the served endpoint, without a server ------------------------------------------------------
+class FakeTextTower:
+    """Deterministic stand-in for filip_text: a text's tokens are seeded by the text."""
+
+    def __init__(self, dim: int):
+        self.dim, self.calls = dim, 0
+
+    def __call__(self, texts):
+        self.calls += 1
+        if any(not t.strip() for t in texts):
+            raise InvalidInputError("text 0 is empty")
+        n = [min(2 + len(t.split()), 9) for t in texts]
+        out = np.zeros((len(texts), max(n), self.dim), np.float32)
+        for i, t in enumerate(texts):
+            v = np.random.default_rng(abs(hash(t)) % 2**32).standard_normal((n[i], self.dim))
+            out[i, :n[i]] = v / np.linalg.norm(v, axis=-1, keepdims=True)
+        return out, np.array(n, np.int32)
+
+
+def _request(**kw):
+    return {k: (np.array([x.encode() if isinstance(x, str) else x for x in v], dtype=object)
+                if isinstance(v, list) and v and isinstance(v[0], str) else np.asarray(v)) for k, v in kw.items()}
+
+
+def test_endpoint_search_reload_and_errors(tmp_path):
+    root = tmp_path / "galleries"
+    spec = SyntheticSpec(**SPEC)
+    embed = FakeTextTower(SPEC["dim"])
+    ep = SearchEndpoint(None, {"gallery_root": str(root)}, embed)     # no gallery yet: still loads
+    [res] = ep([_request(TEXT=["a cat"])])
+    assert isinstance(res, GalleryError) and "no gallery is loaded" in str(res)
+    synthesize(root / "one", 500, spec=spec)
+    synthesize(root / "two", 800, spec=spec)
+    good, = ep([_request(RELOAD=["one"])])
+    assert json.loads(good["INFO"][0])["count"] == 500
+    out = ep([_request(TEXT=["a cat", "two dogs"], K=np.array([5], np.int32)),
+              _request(TEXT=[""]),                                        # bad request: fails alone
+              _request(TEXT=["a cat"], MODE=["fastest"]),
+              _request(TEXT=["a cat"], K=np.array([0], np.int32)),
+              _request(K=np.array([3], np.int32)),
+              _request(TEXT=["a cat"], K=np.array([3], np.int32), MODE=["two_stage"], CANDIDATES=np.array([500], np.int32))])
+    ok, empty, mode, k0, notext, two = out
+    assert ok["IDS"].shape == ok["SCORES"].shape == ok["METADATA"].shape == (2, 5)
+    assert "empty" in str(empty) and "MODE" in str(mode) and "K must lie" in str(k0) and "give TEXT" in str(notext)
+    assert list(two["IDS"][0]) == list(ok["IDS"][0][:3])                 # all 500 candidates: exact
+    assert json.loads(ok["METADATA"][0][0])["topic"] >= 0
+    # a direct check of one score against the brute force
+    g = Gallery.open(root / "one")
+    qt, ql = embed(["a cat"])
+    ref = brute_force_s_t(g.tokens_of(np.arange(500)).numpy(), qt, ql)[0]
+    best = int(np.argmax(ref))
+    assert ok["IDS"][0][0].decode() == g.ids[best] and abs(ok["SCORES"][0][0] - ref[best]) < 2e-6
+    # a corrupt gallery is refused and the previous one keeps serving
+    tok = root / "two" / "segments" / "seg-000000.tokens.npy"
+    tok.write_bytes(tok.read_bytes()[:-100])
+    bad, = ep([_request(RELOAD=["two"])])
+    assert isinstance(bad, GalleryError) and "truncated" in str(bad)
+    again, = ep([_request(TEXT=["a cat", "two dogs"], K=np.array([5], np.int32))])
+    assert np.array_equal(again["IDS"], ok["IDS"]) and json.loads(again["INFO"][0])["gallery"] == "one"
+    for name in ("../one", "", "a/b"):
+        r, = ep([_request(RELOAD=[name])])
+        assert isinstance(r, InvalidInputError), name

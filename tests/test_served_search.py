@@ -1,0 +1,108 @@
+"""Gallery search through a real tritonserver: index images through the server, reload
+without a restart, search (sync and async) equal to an independent brute force over the
+served embeddings, and the failure cases (no gallery yet, corrupt gallery, bad requests)."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from client import AsyncFilipClient, FilipClient, FilipInvalidInputError
+from client.indexing import main as index_main
+from client.launch import TritonServer
+from export.to_trt import main as export_main
+
+
+def brute_force_s_t(img_tokens: np.ndarray, q_tokens: np.ndarray, q_len: int) -> np.ndarray:
+    sims = np.einsum("npd,td->ntp", img_tokens.astype(np.float64), q_tokens[:q_len].astype(np.float64))
+    return sims.max(axis=2).mean(axis=1)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoint, tmp_path_factory):
+    base = tmp_path_factory.mktemp("served-search")
+    repo = base / "triton_models"
+    assert export_main([str(tiny_checkpoint), "--out", str(repo), "--max-batch", "8"]) == 0
+    images = base / "photos"
+    (images / "sub").mkdir(parents=True)
+    for i in range(14):
+        arr = np.random.default_rng(i).integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(images / ("sub" if i % 4 == 0 else "") / f"p{i:02d}.png")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    with TritonServer(repo) as server:
+        yield server, base, images
+        assert server.proc.poll() is None, "the server died during the tests"
+
+
+def test_search_before_any_gallery_is_a_clear_error(setup):
+    server, _, _ = setup
+    with FilipClient(server.url) as c:
+        with pytest.raises(FilipInvalidInputError, match="no gallery is loaded"):
+            c.search(["a cat"])
+        assert c.health().models["filip_search"]
+
+
+def test_index_reload_search(setup, capsys):
+    server, base, images = setup
+    gallery = base / "galleries" / "default"          # the default root: beside the repository
+    assert index_main(["--url", server.url, "--gallery", str(gallery), "--commit-every", "5", "--no-progress",
+                       str(images)]) == 1             # 1: one image failed, the rest indexed
+    out = capsys.readouterr()
+    assert "added 14" in out.out and "failed broken.jpg" in out.err
+    with FilipClient(server.url) as c:
+        again = c.index_images(images, gallery, progress=False)       # resumable: nothing new
+        assert (again.added, again.skipped, len(again.failed), again.total) == (0, 14, 1, 14)
+        info = c.reload_gallery("default")
+        assert info["count"] == 14 and info["segments"] == 3
+        texts = ["a photo of a cat", "noise", "two dogs in the snow"]
+        hits = c.search(texts, k=5)
+        assert [len(h) for h in hits] == [5, 5, 5]
+        # independent check: brute force over embeddings fetched from the server itself
+        files = sorted(p for p in images.rglob("*.png"))
+        ids = [p.relative_to(images).as_posix() for p in files]
+        img = c.embed_images([str(p) for p in files])
+        tokens16 = img.tokens.astype(np.float16)                       # what the gallery stores
+        txt = c.embed_texts(texts)
+        for q, h in enumerate(hits):
+            ref = brute_force_s_t(tokens16, txt.tokens[q], int(txt.lengths[q]))
+            order = np.argsort(-ref, kind="stable")[:5]
+            assert [x.id for x in h] == [ids[i] for i in order]
+            np.testing.assert_allclose([x.score for x in h], ref[order], rtol=0, atol=1e-5)
+            assert h[0].metadata["path"].endswith(h[0].id.split("/")[-1])
+        two = c.search(texts, k=5, mode="two_stage", candidates=14)
+        assert [[x.id for x in h] for h in two] == [[x.id for x in h] for h in hits]
+        allowed = ids[3:6]
+        filt = c.search(texts[:1], k=5, allowed_ids=allowed)
+        assert sorted(x.id for x in filt[0]) == sorted(allowed)
+        assert c.search(texts[:1], allowed_ids=[]) == [[]]
+        assert c.last_search_info["gallery"] == "default"
+
+        async def run():
+            async with AsyncFilipClient(server.url) as ac:
+                return await ac.search(texts, k=5)
+        assert [[x.id for x in h] for h in asyncio.run(run())] == [[x.id for x in h] for h in hits]
+
+
+def test_corrupt_gallery_refused_and_previous_kept(setup):
+    server, base, images = setup
+    with FilipClient(server.url) as c:
+        c.index_images(images, base / "galleries" / "second", commit_every=100, progress=False)
+        before = c.search(["a photo of a cat"], k=3)
+        seg = base / "galleries" / "second" / "segments" / "seg-000000.centroid.npy"
+        b = bytearray(seg.read_bytes())
+        b[-1] ^= 0x01
+        seg.write_bytes(bytes(b))
+        with pytest.raises(FilipInvalidInputError, match="checksum mismatch"):
+            c.reload_gallery("second")
+        with pytest.raises(FilipInvalidInputError, match="plain folder name"):
+            c.reload_gallery("../galleries")
+        assert c.search(["a photo of a cat"], k=3) == before          # still the first gallery
+        for bad, match in [(dict(k=0), "k must be"), (dict(mode="fast"), "mode must be"),
+                           (dict(candidates=0), "candidates must be")]:
+            with pytest.raises(FilipInvalidInputError, match=match):
+                c.search(["x"], **bad)
+        with pytest.raises(FilipInvalidInputError, match="empty"):
+            c.search(["   "])
+        assert c.search(["a photo of a cat"], k=3) == before
