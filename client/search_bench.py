@@ -1,0 +1,168 @@
+"""Gallery search benchmark at several scales (in-process engine; synthetic clustered galleries).
+
+    python -m client.search_bench --sizes 10000,100000,1000000 [--root build/search-bench]
+        [--token-dtype float16|int8] [--queries 20] [--candidates 2000] [--json FILE]
+
+For each size: writes (or resumes) a synthetic gallery (client/gallery_synth.py documents the
+generator), then measures
+- indexing: the gallery writer's items/s (synthetic items, so no encoder in the loop; the
+  served encoder's rate is in the demo and docs/BENCHMARKS.md's serving section);
+- memory: gallery bytes on disk, and this process's resident memory after loading;
+- exact search, one query at a time: p50/p99 latency and the gallery bytes scanned per
+  second, against the memory-copy bandwidth measured in the same run (np.copyto, 512 MiB);
+- two-stage search: p50/p99 and recall@10 against exact search's top-10 for the same queries.
+
+Every query is a synthetic caption of 6-20 tokens aimed at one gallery item.  Ground truth
+for recall is exact search over the whole gallery.  The engine is imported lazily: the
+client package itself needs no torch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .gallery import gallery_bytes
+from .gallery_synth import SyntheticSpec, load_queries, synthesize
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _pct(xs, p) -> float:
+    return float(np.percentile(np.asarray(xs) * 1e3, p))
+
+
+def memcpy_bandwidth(nbytes: int = 512 * 2**20) -> float:
+    """Bytes copied per second by np.copyto of 512 MiB (best of 5): the same measure as
+    client/bench_report.py."""
+    src = np.ones(nbytes, np.uint8)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
+
+
+def bench_size(root: Path, n: int, *, token_dtype: str, n_queries: int, candidates: int, memcpy: float,
+               exact_queries: int | None = None) -> dict:
+    from engine.gallery import Gallery
+    from engine.search import Queries, Searcher
+
+    path = root / f"synthetic-{n}-{token_dtype}"
+    t = time.perf_counter()
+    made = synthesize(path, n, token_dtype=token_dtype, spec=SyntheticSpec(), n_queries=64, progress=n >= 500_000)
+    out: dict = {"items": n, "token_dtype": token_dtype, "synthesize_s": time.perf_counter() - t,
+                 "writer_items_per_s": made["write_items_per_s"], "disk_bytes": gallery_bytes(path)}
+    rss0 = _rss_mib()
+    t = time.perf_counter()
+    g = Gallery.open(path, verify="size")
+    out["open_s"] = time.perf_counter() - t
+    if n <= 100_000:
+        t = time.perf_counter()
+        Gallery.open(path, verify="full")
+        out["open_verified_s"] = time.perf_counter() - t
+    s = Searcher(g)
+    out["first_stage_build_s"] = s.stage_build_ms / 1e3
+    out["rss_mib_after_load"] = _rss_mib() - rss0
+    token_bytes = sum(seg.tokens.nbytes + (0 if seg.scales is None else seg.scales.nbytes) for seg in g.segments)
+    out["token_bytes"] = token_bytes
+    qt, ql, targets = load_queries(path)
+    qt, ql = qt[:n_queries], ql[:n_queries]
+    one = [Queries.from_tokens(qt[i:i + 1], ql[i:i + 1]) for i in range(len(ql))]
+    # ground truth: exact top-10 of every query (batched: one pass over the gallery)
+    t = time.perf_counter()
+    truth = s.search(Queries.from_tokens(qt, ql), 10)
+    out["exact_batched_s"] = time.perf_counter() - t
+    out["exact_batched_queries"] = len(ql)
+    # exact, one query at a time (warm: the first call touches the memory map)
+    n_exact = min(len(one), exact_queries or len(one))
+    s.search(one[0], 10)
+    lat, lat16 = [], []
+    for i in range(n_exact):
+        t = time.perf_counter()
+        h = s.search(one[i], 10)
+        dt = time.perf_counter() - t
+        lat.append(dt)
+        if ql[i] <= 16:
+            lat16.append(dt)
+        # batched and single GEMMs round differently in the last bit, which can swap near-ties
+        assert np.allclose(h.scores[0], truth.scores[i], rtol=0, atol=1e-5), "single-query exact differs from batched"
+    out["exact_p50_ms"], out["exact_p99_ms"] = _pct(lat, 50), _pct(lat, 99)
+    out["exact_queries"] = n_exact
+    out["exact_GBps"] = token_bytes / np.median(lat) / 1e9
+    out["exact_of_memcpy"] = token_bytes / np.median(lat) / memcpy
+    if lat16:
+        out["exact_le16_p50_ms"] = _pct(lat16, 50)
+        out["exact_le16_of_memcpy"] = token_bytes / np.median(lat16) / memcpy
+        out["exact_le16_queries"] = len(lat16)
+    # two-stage, one query at a time
+    lat2, recall, found_target = [], [], []
+    for i in range(len(one)):
+        t = time.perf_counter()
+        h = s.search(one[i], 10, mode="two_stage", candidates=candidates)
+        lat2.append(time.perf_counter() - t)
+        recall.append(len(set(h.rows[0]) & set(truth.rows[i])) / 10)
+    for i in range(len(one)):
+        found_target.append(g.ids[truth.rows[i][0]] == targets[i])
+    out.update(two_stage_p50_ms=_pct(lat2, 50), two_stage_p99_ms=_pct(lat2, 99), candidates=candidates,
+               recall_at_10=float(np.mean(recall)), recall_min=float(np.min(recall)),
+               exact_top1_is_target=float(np.mean(found_target)), queries=len(one),
+               query_tokens=[int(x) for x in ql])
+    return out
+
+
+def table(results: list[dict], memcpy: float) -> str:
+    rows = [f"Measured memory-copy bandwidth (np.copyto of 512 MiB): {memcpy / 1e9:.2f} GB/s.\n",
+            "| items | tokens | on disk | RSS after load | writer | exact p50 / p99 | exact GB/s (of memcpy) "
+            "| exact, queries <= 16 tokens: p50 (of memcpy) | two-stage p50 / p99 | recall@10 (min) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        le16 = (f"{r['exact_le16_p50_ms']:.0f} ms ({100 * r['exact_le16_of_memcpy']:.0f}%)" if "exact_le16_p50_ms" in r else "-")
+        rows.append(f"| {r['items']:,} | {r['token_dtype']} | {r['disk_bytes'] / 2**30:.2f} GiB | {r['rss_mib_after_load']:.0f} MiB "
+                    f"| {r['writer_items_per_s'] or float('nan'):,.0f} items/s | {r['exact_p50_ms']:.0f} / {r['exact_p99_ms']:.0f} ms "
+                    f"| {r['exact_GBps']:.2f} ({100 * r['exact_of_memcpy']:.0f}%) | {le16} "
+                    f"| {r['two_stage_p50_ms']:.1f} / {r['two_stage_p99_ms']:.1f} ms (C={r['candidates']}) "
+                    f"| {r['recall_at_10']:.3f} ({r['recall_min']:.1f}) |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m client.search_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="10000,100000", help="comma-separated gallery sizes (default 10000,100000)")
+    p.add_argument("--root", type=Path, default=Path("build/search-bench"), help="where the synthetic galleries go")
+    p.add_argument("--token-dtype", choices=["float16", "int8"], default="float16")
+    p.add_argument("--queries", type=int, default=20, help="queries per size (default 20)")
+    p.add_argument("--exact-queries", type=int, default=None,
+                   help="single-query exact searches timed per size (default: all queries; fewer at 1M)")
+    p.add_argument("--candidates", type=int, default=2000, help="two-stage candidates per query (default 2000)")
+    p.add_argument("--json", type=Path, default=None, help="write the figures as JSON")
+    args = p.parse_args(argv)
+    memcpy = memcpy_bandwidth()
+    results = []
+    for n in [int(x) for x in args.sizes.split(",")]:
+        r = bench_size(args.root, n, token_dtype=args.token_dtype, n_queries=args.queries, candidates=args.candidates,
+                       memcpy=memcpy, exact_queries=args.exact_queries if n > 100_000 else None)
+        results.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "query_tokens"}), flush=True)
+    print(table(results, memcpy))
+    print(f"(threads: {os.cpu_count()} cores; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)")
+    if args.json:
+        args.json.write_text(json.dumps({"memcpy": memcpy, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
