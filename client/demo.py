@@ -1,7 +1,8 @@
 """The last step of ``make demo``: serve a model repository with ``tritonserver``, embed a
 real photograph and drawn images plus a few captions through the gRPC client, print s_I /
 s_T, a zero-shot classification and a word-patch alignment map, check the served
-embeddings against in-process PyTorch, stop the server.
+embeddings against in-process PyTorch, index a folder of images into a gallery through the
+server and search it (exact and two-stage), stop the server.
 
     python -m client.demo --repository build/demo/triton_models --checkpoint build/demo/filip-ViT-B-32.pt
     python -m client.demo --url localhost:8001            # against a server you started
@@ -60,7 +61,42 @@ def _table(title: str, rows: list[str], cols: list[str], m: np.ndarray) -> str:
     return "\n".join(lines)
 
 
-def run(client: FilipClient, checkpoint: Path | None) -> None:
+def photo_folder(folder: Path) -> Path:
+    """The demo's image folder for indexing: the photograph plus drawn shapes in a few colours."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, item in demo_images().items():
+        if isinstance(item, str):
+            (folder / Path(item).name).write_bytes(Path(item).read_bytes())
+    for colour in ("red", "blue", "green", "yellow", "black"):
+        for shape in ("circle", "square"):
+            im = Image.new("RGB", (240, 200), "white")
+            draw = ImageDraw.Draw(im)
+            (draw.ellipse if shape == "circle" else draw.rectangle)((60, 40, 180, 160), fill=colour)
+            im.save(folder / f"{colour}-{shape}.png")
+    return folder
+
+
+def gallery_search(client: FilipClient, gallery: Path, photos: Path) -> None:
+    """Index the photo folder through the server, load it into filip_search, search it."""
+    report = client.index_images(photos, gallery, commit_every=4, progress=False)
+    print(f"indexed {photos} into {gallery}: added {report.added} ({report.images_per_s:.1f} images/s through the "
+          f"server), {report.skipped} already there, {len(report.failed)} failed; {report.total} items")
+    info = client.reload_gallery(gallery.name)
+    print(f"filip_search loaded gallery '{gallery.name}': {info['count']} items, {info['segments']} segments, "
+          f"verified in {info['load_ms']} ms")
+    queries = ["a red circle", "a blue square", "a photo of a woman in uniform"]
+    exact = client.search(queries, k=3)
+    print(f"search (exact, {client.last_search_info['timings_ms']} ms):")
+    for q, hits in zip(queries, exact):
+        print(f"  {q!r}: " + ", ".join(f"{h.id} {h.score:+.4f}" for h in hits))
+    two = client.search(queries, k=3, mode="two_stage", candidates=info["count"])
+    same = [[h.id for h in a] for a in two] == [[h.id for h in a] for a in exact]
+    print(f"two-stage with every item a candidate equals exact: {same}")
+    if not same:
+        raise FilipError("two-stage search with all items as candidates differs from exact search")
+
+
+def run(client: FilipClient, checkpoint: Path | None, gallery: Path | None = None) -> None:
     images = demo_images()
     names = list(images)
     t = time.perf_counter()
@@ -96,6 +132,9 @@ def run(client: FilipClient, checkpoint: Path | None) -> None:
                                 Tolerance(max_abs=1e-4, min_cosine=0.9999), f"served vs in-process PyTorch, {what}")
             print(r.summary())
             r.raise_if_failed()
+    if gallery is not None:
+        print()
+        gallery_search(client, gallery, photo_folder(gallery.parent.parent / "photos"))
     print("\n(random weights: the rankings above are meaningless; the numbers are exact)")
 
 
@@ -104,18 +143,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repository", type=Path, help="model repository to serve (starts and stops tritonserver)")
     p.add_argument("--url", help="use a running server instead (host:grpc_port)")
     p.add_argument("--checkpoint", type=Path, help="also compare with in-process PyTorch on this checkpoint")
+    p.add_argument("--gallery", type=Path, default=None,
+                   help="gallery folder to index the demo photos into and search (its name is what filip_search "
+                        "loads from its gallery root; default with --repository: <repository>/../galleries/demo)")
     args = p.parse_args(argv)
     if (args.repository is None) == (args.url is None):
         p.error("give exactly one of --repository or --url")
     try:
         if args.url:
             with FilipClient(args.url) as client:
-                run(client, args.checkpoint)
+                run(client, args.checkpoint, args.gallery)
         else:
             with TritonServer(args.repository) as server:
                 print(f"tritonserver ready on {server.url} in {server.startup_s:.1f} s (log: {server.log})")
                 with FilipClient(server.url) as client:
-                    run(client, args.checkpoint)
+                    run(client, args.checkpoint, args.gallery or args.repository.resolve().parent / "galleries" / "demo")
             print("tritonserver stopped")
     except (FilipError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
