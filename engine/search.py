@@ -336,6 +336,7 @@ class SearchEndpoint:
         self.root = Path(root) if root else Path(version_dir or "./x/1").resolve().parent.parent.parent / "galleries"
         self.embed_texts = embed_texts
         self.verify = params.get("gallery_verify", "full")
+        self.load = params.get("gallery_load", "auto")
         self.searcher: Searcher | None = None
         self.name: str | None = None
         self.load_error: str | None = None
@@ -348,7 +349,7 @@ class SearchEndpoint:
     def reload(self, name: str) -> dict:
         path = self.root / _check_name(name)
         t = time.perf_counter()
-        searcher = Searcher(Gallery.open(path, verify=self.verify))    # raises before anything is swapped
+        searcher = Searcher(Gallery.open(path, verify=self.verify, load=self.load))    # raises before anything is swapped
         self.searcher, self.name, self.load_error = searcher, name, None
         return {**searcher.gallery.info(), "name": name, "load_ms": round(_ms(t), 1)}
 

@@ -51,6 +51,15 @@ def test_exact_search_equals_numpy_brute_force(gallery):
                                rtol=0, atol=2e-6)
 
 
+def test_memory_and_mmap_loads_agree(gallery):
+    qt, ql, _ = load_queries(gallery.path)
+    q = Queries.from_tokens(qt[:4], ql[:4])
+    a = Gallery.open(gallery.path, load="memory")
+    b = Gallery.open(gallery.path, load="mmap")
+    assert a.in_memory and not b.in_memory
+    assert np.array_equal(exact_scores(a, q), exact_scores(b, q))
+
+
 def test_padding_of_queries_never_counts(gallery):
     qt, ql, _ = load_queries(gallery.path)
     garbage = qt.copy()

@@ -81,8 +81,15 @@ def test_index_reload_search(setup, capsys):
 
         async def run():
             async with AsyncFilipClient(server.url) as ac:
-                return await ac.search(texts, k=5)
-        assert [[x.id for x in h] for h in asyncio.run(run())] == [[x.id for x in h] for h in hits]
+                report = await ac.index_images(images, base / "galleries" / "async", commit_every=6, progress=False)
+                info = await ac.reload_gallery("async")
+                return report, info, await ac.search(texts, k=5)
+        report, info, async_hits = asyncio.run(run())
+        assert (report.added, len(report.failed), info["count"], info["segments"]) == (14, 1, 14, 3)
+        assert [[x.id for x in h] for h in async_hits] == [[x.id for x in h] for h in hits]
+        np.testing.assert_allclose([[x.score for x in h] for h in async_hits], [[x.score for x in h] for h in hits],
+                                   rtol=0, atol=1e-6)
+        c.reload_gallery("default")
 
 
 def test_corrupt_gallery_refused_and_previous_kept(setup):
