@@ -124,6 +124,38 @@ def bench_size(root: Path, n: int, *, token_dtype: str, n_queries: int, candidat
     return out
 
 
+CAPTIONS = ["a photo of a dog", "a red car parked on the street", "two people walking on a beach at sunset",
+            "a bowl of fruit on a wooden table", "a black and white photo of a city skyline at night",
+            "a cat sleeping on a sofa", "mountains covered in snow", "a plate of pasta", "children playing football",
+            "an old bicycle leaning against a brick wall with flowers"]
+
+
+def bench_served(repo: Path, root: Path, name: str, *, candidates: int, rounds: int = 3) -> dict:
+    """The same gallery served: filip_search loaded from ``root``, queried through the gRPC
+    client (text embedding by filip_text included), one caption per call."""
+    from .launch import TritonServer
+    from .sync import FilipClient
+
+    os.environ["FILIP_GALLERY_ROOT"] = str(root.resolve())
+    out: dict = {"gallery": name}
+    with TritonServer(repo) as server, FilipClient(server.url, timeout=600) as c:
+        t = time.perf_counter()
+        info = c.reload_gallery(name)
+        out["reload_s"], out["items"] = time.perf_counter() - t, info["count"]
+        c.search(CAPTIONS[:1])
+        for mode in ("exact", "two_stage"):
+            lat, server_ms = [], []
+            for _ in range(rounds):
+                for text in CAPTIONS:
+                    t = time.perf_counter()
+                    c.search([text], k=10, mode=mode, candidates=candidates)
+                    lat.append(time.perf_counter() - t)
+                    server_ms.append(c.last_search_info["timings_ms"])
+            out[mode] = {"p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99), "calls": len(lat),
+                         "embed_p50_ms": float(np.median([m["embed"] for m in server_ms]))}
+    return out
+
+
 def table(results: list[dict], memcpy: float) -> str:
     rows = [f"Measured memory-copy bandwidth (np.copyto of 512 MiB): {memcpy / 1e9:.2f} GB/s.\n",
             "| items | tokens | on disk | RSS after load | writer | exact p50 / p99 | exact GB/s (of memcpy) "
@@ -149,15 +181,28 @@ def main(argv: list[str] | None = None) -> int:
                    help="single-query exact searches timed per size (default: all queries; fewer at 1M)")
     p.add_argument("--candidates", type=int, default=2000, help="two-stage candidates per query (default 2000)")
     p.add_argument("--json", type=Path, default=None, help="write the figures as JSON")
+    p.add_argument("--repository", type=Path, default=None,
+                   help="also serve each gallery with this model repository (its token dimension must be the "
+                        "synthetic galleries' 256 with 49 patches: a ViT-B-32 export, e.g. build/demo/triton_models) "
+                        "and time searches through the client")
     args = p.parse_args(argv)
     memcpy = memcpy_bandwidth()
     results = []
     for n in [int(x) for x in args.sizes.split(",")]:
         r = bench_size(args.root, n, token_dtype=args.token_dtype, n_queries=args.queries, candidates=args.candidates,
                        memcpy=memcpy, exact_queries=args.exact_queries if n > 100_000 else None)
+        if args.repository is not None:
+            r["served"] = bench_served(args.repository, args.root, f"synthetic-{n}-{args.token_dtype}",
+                                       candidates=args.candidates)
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "query_tokens"}), flush=True)
     print(table(results, memcpy))
+    for r in results:
+        if "served" in r:
+            sv = r["served"]
+            print(f"served {r['items']:,} items (reload {sv['reload_s']:.1f} s): exact p50 {sv['exact']['p50_ms']:.0f} ms "
+                  f"p99 {sv['exact']['p99_ms']:.0f} ms; two-stage p50 {sv['two_stage']['p50_ms']:.0f} ms "
+                  f"p99 {sv['two_stage']['p99_ms']:.0f} ms; query embedding p50 {sv['exact']['embed_p50_ms']:.1f} ms")
     print(f"(threads: {os.cpu_count()} cores; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)")
     if args.json:
         args.json.write_text(json.dumps({"memcpy": memcpy, "results": results}, indent=1))

@@ -89,6 +89,23 @@ def test_two_stage_recall_is_measured(gallery):
     assert recalls[200] >= 0.9, recalls                  # this clustered gallery: the centroid stage works
 
 
+def test_ivf_first_stage_recall_and_filter(gallery):
+    from engine.search import CentroidStage
+    qt, ql, _ = load_queries(gallery.path)
+    q = Queries.from_tokens(qt, ql)
+    exact = Searcher(gallery).search(q, 10)
+    stage = CentroidStage(gallery, "ivf", nprobe=16)
+    assert stage.kind == "ivf" and stage.nlist == 3000 // 39
+    two = Searcher(gallery, stage=stage).search(q, 10, mode="two_stage", candidates=200)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact.rows, two.rows)])
+    print(f"ivf recall@10 at 200 candidates: {recall}")
+    assert recall >= 0.9
+    allowed = np.arange(0, 3000, 3)
+    filt = Searcher(gallery, stage=stage).search(q, 10, mode="two_stage", candidates=300,
+                                                 allowed_ids=[gallery.ids[r] for r in allowed])
+    assert set(filt.rows.ravel()) <= set(allowed)
+
+
 def test_allowed_ids_filter(gallery):
     qt, ql, _ = load_queries(gallery.path)
     q = Queries.from_tokens(qt[:3], ql[:3])
