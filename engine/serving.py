@@ -20,7 +20,7 @@ from .errors import FilipError, InvalidInputError, TextInputError
 from .interaction import alignment_map, late_interaction
 from .io_spec import tower_spec
 from .preprocess import ImageTransform
-from .runtime import OnnxRuntime, Runtime
+from .runtime import Runtime, open_tower_runtime
 from .tokenizer import ClipTokenizer
 
 Result = dict[str, np.ndarray] | FilipError
@@ -216,15 +216,15 @@ def triton_context(args: dict) -> tuple[Path, dict[str, str]]:
 
 
 class TextEndpoint:
-    """filip_text: tokenizer + text tower on ONNX Runtime, built once from the version folder."""
+    """filip_text: tokenizer + text tower (ONNX Runtime, or TensorRT via ``trt_model``), built once."""
 
     def __init__(self, version_dir: Path, params: dict[str, str]):
         cfg, _ = read_manifest(version_dir)
         self.max_batch, self.limits = int(params.get("max_batch", "64")), ServingLimits.from_params(params)
         self.tokenizer = ClipTokenizer.from_file(version_dir / "tokenizer.json", vocab_size=cfg.text.vocab_size,
                                                  context_length=cfg.text.context_length)
-        self.runtime = OnnxRuntime(version_dir / "text.onnx", tower_spec(cfg, "text"),
-                                   intra_op_threads=int(params.get("intra_op_threads", "0")) or None)
+        # ONNX Runtime on text.onnx, or the filip_text_trt TensorRT model when the repository has one
+        self.runtime = open_tower_runtime(version_dir, "text", tower_spec(cfg, "text"), params)
 
     def __call__(self, texts: Sequence[np.ndarray]) -> list[Result]:
         return embed_text_requests(self.tokenizer, self.runtime, texts, self.limits, self.max_batch)
@@ -238,8 +238,7 @@ class ImageEndpoint:
         self.max_batch, self.limits = int(params.get("max_batch", "64")), ServingLimits.from_params(params)
         self.transform = ImageTransform(cfg.vision.image_size, max_pixels=self.limits.max_image_pixels,
                                         max_bytes=self.limits.max_image_bytes)
-        self.runtime = OnnxRuntime(version_dir / "image.onnx", tower_spec(cfg, "image"),
-                                   intra_op_threads=int(params.get("intra_op_threads", "0")) or None)
+        self.runtime = open_tower_runtime(version_dir, "image", tower_spec(cfg, "image"), params)
 
     def __call__(self, requests: Sequence[dict[str, np.ndarray | None]]) -> list[Result]:
         return embed_image_requests(self.transform, self.runtime, requests, self.limits, self.max_batch)

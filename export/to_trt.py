@@ -2,9 +2,10 @@
                           [--max-batch N] [--runtime auto|tensorrt|onnxruntime] [--activation ...]
 
 Checkpoint -> ONNX (both towers) -> validated against PyTorch on ONNX Runtime, figures
-printed -> a complete Triton model repository in --out.  The TensorRT stage is reported
-as not run.  Anything wrong ends with one sentence on stderr and a non-zero
-exit: 2 for bad input (checkpoint, vocabulary, flags), 1 for a failed numerics gate.
+printed -> TensorRT plans when TensorRT and an NVIDIA GPU are present (validated against
+PyTorch too; export/trt.py) -> a complete Triton model repository in --out.  Anything wrong
+ends with one sentence on stderr and a non-zero exit: 2 for bad input (checkpoint,
+vocabulary, flags, no TensorRT/GPU for --runtime tensorrt), 1 for a failed numerics gate.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from engine.errors import FilipError, ValidationError  # noqa: E402
 from engine.pipeline import load_tokenizer  # noqa: E402
 from engine.serving import ServingLimits  # noqa: E402
 from export.to_onnx import DEFAULT_OPSET, MIN_OPSET, export_tower, validate_tower  # noqa: E402
-from export.triton_repo import RepoSettings, version_dir, write_repository  # noqa: E402
+from export.triton_repo import TRT_MODELS, RepoSettings, TensorRTPlans, version_dir, write_repository  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +99,15 @@ def _run(args) -> int:
     if args.runtime == "tensorrt":
         if not trt_ok:
             raise FilipError(f"--runtime tensorrt was requested but {trt_why}; use --runtime onnxruntime or auto")
-        raise FilipError("--runtime tensorrt: the TensorRT build stage is not implemented yet; use --runtime onnxruntime")
+    use_trt = trt_ok and args.runtime != "onnxruntime"
+    if use_trt:
+        from export.trt import build_flags, import_tensorrt
+        try:   # fail before the slow steps when this TensorRT cannot build this precision
+            build_flags(args.precision, import_tensorrt().__version__)
+        except FilipError as e:
+            if args.runtime == "tensorrt":
+                raise
+            use_trt, trt_why = False, str(e).rstrip(".")
 
     t0 = time.perf_counter()
     ckpt = load_checkpoint(args.checkpoint, activation=args.activation)
@@ -133,19 +142,57 @@ def _run(args) -> int:
         r.raise_if_failed()
     print("      all numerics gates passed")
 
-    if trt_ok:
-        print(f"      TensorRT engines ({args.precision}): skipped (the TensorRT build stage is not implemented yet)")
+    tensorrt = None
+    if use_trt:
+        tensorrt = _build_tensorrt(args, ckpt, paths)
     else:
         print(f"      TensorRT engines: skipped ({trt_why or '--runtime onnxruntime'}); ONNX Runtime serves the encoders")
     settings = RepoSettings(max_batch=args.max_batch, queue_delay_us=args.queue_delay_us,
                             text_instances=args.instances, image_instances=args.instances,
                             max_queue_size=args.max_queue_size, limits=limits)
-    models = write_repository(out, cfg, logit_scale=ckpt.model.similarity_scale(), settings=settings)
+    models = write_repository(out, cfg, logit_scale=ckpt.model.similarity_scale(), settings=settings, tensorrt=tensorrt)
     print(f"[5/5] Triton model repository {out}: {', '.join(m.name for m in models)} "
           f"(max batch {settings.max_batch}, queue delay {settings.queue_delay_us} us); "
           f"serve it with: tritonserver --model-repository {out}")
     print(f"done in {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _build_tensorrt(args, ckpt, paths) -> TensorRTPlans:
+    """Build both towers' plans into the tensorrt_plan models' version folders, validate them
+    against PyTorch (ValidationError -> exit 1; failed plans are removed so that no later start
+    serves them) and return what the repository's configs need."""
+    from engine.io_spec import tower_spec
+    from export.trt import (DEFAULT_TIMING_CACHE, build_engine, checkpoint_fingerprint, detect_environment,
+                            plan_filename, plans_in, raise_if_gates_failed, sidecar_path, validate_engines)
+    env = detect_environment()
+    cc = env["compute_capability"]
+    plans = {}
+    for tower in ("image", "text"):
+        t = time.perf_counter()
+        plan = version_dir(args.out, TRT_MODELS[tower]) / plan_filename(cc)
+        build_engine(paths[tower], plan, tower_spec(ckpt.config, tower, args.max_batch), precision=args.precision,
+                     max_batch=args.max_batch, timing_cache=DEFAULT_TIMING_CACHE,
+                     checkpoint=checkpoint_fingerprint(ckpt.path), log=print)
+        plans[tower] = plan
+        print(f"[4/5] TensorRT {env['tensorrt_version']} {args.precision} engine, {tower} tower, {env['gpu_name']} "
+              f"(sm{cc[0]}{cc[1]}) -> {plan} ({time.perf_counter() - t:.1f} s)")
+    print(f"[4/5] TensorRT ({args.precision}) vs PyTorch:")
+    results, ranking = validate_engines(ckpt.model, plans, precision=args.precision, max_batch=args.max_batch)
+    for r in results:
+        print("  " + r.summary().replace("\n", "\n  "))
+    if ranking is not None:
+        print("  " + ranking.line())
+    try:
+        raise_if_gates_failed(results, ranking)
+    except FilipError:
+        for plan in plans.values():
+            plan.unlink(missing_ok=True)
+            sidecar_path(plan).unlink(missing_ok=True)
+        raise
+    print("      all TensorRT numerics gates passed; the tensorrt_plan models serve the encoders")
+    return TensorRTPlans(files={t: plans_in(p.parent) for t, p in plans.items()},
+                         default={t: p.name for t, p in plans.items()})
 
 
 if __name__ == "__main__":

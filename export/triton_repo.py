@@ -130,6 +130,54 @@ def model_configs(cfg: FilipConfig, s: RepoSettings, logit_scale: float) -> dict
     }
 
 
+# --- TensorRT (GPU): the encoders' plans served as tensorrt_plan models (docs/GPU.md) -----------
+TRT_MODELS = {"text": "filip_text_trt", "image": "filip_image_trt"}
+_TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
+
+
+@dataclass(frozen=True)
+class TensorRTPlans:
+    """The plans export/trt.py built, per tower ("text"/"image"): ``files`` maps a compute
+    capability ("9.0") to a plan file in ``<model>/1``; ``default`` is the plan built here."""
+    files: dict
+    default: dict
+
+
+def _trt_tensor(t) -> str:
+    """A tensor of an io_spec TowerSpec as a batched tensorrt_plan config entry."""
+    dims = [d if isinstance(d, int) else -1 for d in t.shape[1:]]
+    if not dims:   # [batch] in the engine: Triton's documented form is dims [1] reshaped to []
+        return f'  {{ name: "{t.name}" data_type: {_TRITON_DTYPES[t.dtype]} dims: [ 1 ] reshape: {{ shape: [ ] }} }}'
+    return _tensor(t.name, _TRITON_DTYPES[t.dtype], dims)
+
+
+def tensorrt_config(name: str, spec, s: RepoSettings, files: dict, default: str, instances: int = 1) -> str:
+    """config.pbtxt of a tensorrt_plan model: one plan per GPU architecture through
+    ``cc_model_filenames``, dynamic batching like the front ends, instances on the GPU."""
+    lines = [f'name: "{name}"', 'platform: "tensorrt_plan"', f"max_batch_size: {s.max_batch}",
+             f'default_model_filename: "{default}"']
+    lines += [f'cc_model_filenames {{ key: "{cc}" value: "{f}" }}' for cc, f in sorted(files.items())]
+    lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {s.queue_delay_us} default_queue_policy {{ "
+                 f"timeout_action: REJECT default_timeout_microseconds: {s.queue_timeout_us} allow_timeout_override: true "
+                 f"max_queue_size: {s.max_queue_size} }} }}")
+    lines.append("input [\n" + ",\n".join(_trt_tensor(t) for t in spec.inputs) + "\n]")
+    lines.append("output [\n" + ",\n".join(_trt_tensor(t) for t in spec.outputs) + "\n]")
+    lines.append(f"instance_group [ {{ count: {instances} kind: KIND_GPU }} ]")
+    return "\n".join(lines) + "\n"
+
+
+def tensorrt_configs(cfg: FilipConfig, s: RepoSettings, plans: TensorRTPlans, configs: dict[str, str]) -> dict[str, str]:
+    """The tensorrt_plan models' configs, and the front ends' configs with a ``trt_model``
+    parameter naming the model they forward to (the CPU path's configs are not touched)."""
+    from engine.io_spec import tower_spec
+    out = {}
+    for tower, model in TRT_MODELS.items():
+        front = f"filip_{tower}"
+        out[front] = configs[front] + f'parameters {{ key: "trt_model" value: {{ string_value: "{model}" }} }}\n'
+        out[model] = tensorrt_config(model, tower_spec(cfg, tower, s.max_batch), s, plans.files[tower], plans.default[tower])
+    return out
+
+
 def version_dir(out: Path, model: str) -> Path:
     """Where a model's artifacts go: ``out/<model>/1`` (image.onnx in filip_image, text.onnx and
     tokenizer.json in filip_text, the manifest in each)."""
@@ -139,14 +187,20 @@ def version_dir(out: Path, model: str) -> Path:
 
 
 def write_repository(out: Path, cfg: FilipConfig, *, logit_scale: float,
-                     settings: RepoSettings = RepoSettings()) -> list[Path]:
+                     settings: RepoSettings = RepoSettings(), tensorrt: TensorRTPlans | None = None) -> list[Path]:
     """Write each model's ``config.pbtxt`` and its ``1/model.py`` adapter (copied from this
     project's ``triton_models/`` unless ``out`` is that folder).  The artifacts must already
-    be in place (see :func:`version_dir`)."""
+    be in place (see :func:`version_dir`).  With ``tensorrt``, also the tensorrt_plan models."""
     written = []
-    for name, text in model_configs(cfg, settings, logit_scale).items():
+    configs = model_configs(cfg, settings, logit_scale)
+    if tensorrt is not None:
+        configs.update(tensorrt_configs(cfg, settings, tensorrt, configs))
+    for name, text in configs.items():
         version = version_dir(out, name)
         (Path(out) / name / "config.pbtxt").write_text(text)
+        if name in TRT_MODELS.values():   # platform tensorrt_plan: the plan is the model, no adapter
+            written.append(Path(out) / name)
+            continue
         if name == "filip_text":
             (Path(out) / name / "warmup").mkdir(exist_ok=True)
             (Path(out) / name / "warmup" / "text").write_bytes(struct.pack("<I", len(WARMUP_TEXT)) + WARMUP_TEXT)

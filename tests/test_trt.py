@@ -1,0 +1,344 @@
+"""TensorRT stage: the pure decisions (profiles, builder flags, naming, sidecars, plan matching,
+tensorrt_plan configs, gates) run everywhere; building and running engines needs an NVIDIA
+GPU with TensorRT (marker `gpu`, skipped with a stated reason elsewhere)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.compare import compare_outputs
+from engine.config import PRESETS
+from engine.errors import ExportError, ValidationError
+from engine.io_spec import tower_spec
+from export import trt as T
+from export.triton_repo import RepoSettings, TensorRTPlans, model_configs, tensorrt_config, tensorrt_configs, write_repository
+
+ROOT = Path(__file__).resolve().parent.parent
+CFG = PRESETS["ViT-B-32"]
+
+
+def _has_tensorrt() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+# --- profiles -------------------------------------------------------------------------------
+def test_profiles_image_and_text():
+    img = T.optimisation_profile(tower_spec(CFG, "image", 64), 64)
+    assert img == (T.InputProfile("pixel_values", (1, 3, 224, 224), (16, 3, 224, 224), (64, 3, 224, 224)),)
+    ids, lengths = T.optimisation_profile(tower_spec(CFG, "text", 64), 64)
+    assert ids == T.InputProfile("input_ids", (1, 2), (16, 16), (64, 77))
+    assert lengths == T.InputProfile("lengths", (1,), (16,), (64,))
+
+
+@pytest.mark.parametrize("max_batch, opt", [(1, 1), (4, 4), (16, 16), (1024, 16)])
+def test_profile_opt_batch_is_clamped(max_batch, opt):
+    (p,) = T.optimisation_profile(tower_spec(CFG, "image", max_batch), max_batch)
+    assert p.min[0] == 1 and p.opt[0] == opt and p.max[0] == max_batch
+    assert all(a <= b <= c for a, b, c in zip(p.min, p.opt, p.max))
+
+
+def test_profile_seq_clamped_to_context_and_bad_batch():
+    cfg = PRESETS["tiny"]
+    ids, _ = T.optimisation_profile(tower_spec(cfg, "text", 8), 8, opt_seq=500)
+    assert ids.opt == (8, cfg.text.context_length) and ids.max == (8, cfg.text.context_length)
+    with pytest.raises(ExportError, match="at least 1"):
+        T.optimisation_profile(tower_spec(cfg, "image", 8), 0)
+
+
+# --- builder flags ---------------------------------------------------------------------------
+def test_flags_fp16_on_trt10_pins_norm_and_softmax():
+    f = T.build_flags("fp16", "10.7.0")
+    assert f.fp16 and f.obey_precision_constraints and not f.strongly_typed
+    assert {"NORMALIZATION", "SOFTMAX"} <= set(f.fp32_layer_types)
+
+
+@pytest.mark.parametrize("version", ["10.7.0", "10.16.1.11", "11.4.0.106"])
+def test_flags_fp32_is_plain_fp32(version):
+    f = T.build_flags("fp32", version)
+    assert not f.fp16 and not f.tf32 and not f.obey_precision_constraints and f.fp32_layer_types == ()
+    assert f.strongly_typed == version.startswith("11")
+
+
+@pytest.mark.parametrize("precision, version, match", [("fp16", "11.4.0.106", "TensorRT 11 removed"),
+                                                       ("fp32", "8.6.1", "too old"),
+                                                       ("int8", "10.7.0", "fp32 or fp16"),
+                                                       ("fp32", "garbage", "cannot read")])
+def test_flags_refused(precision, version, match):
+    with pytest.raises(ExportError, match=match):
+        T.build_flags(precision, version)
+
+
+# --- naming, sidecar, matching ------------------------------------------------------------------
+def _sidecar(**kw):
+    args = dict(tower="image", precision="fp16", trt_version="10.7.0", gpu_name="NVIDIA H200",
+                compute_capability=(9, 0), profiles=T.optimisation_profile(tower_spec(CFG, "image", 64), 64),
+                flags=T.build_flags("fp16", "10.7.0"), max_batch=64, checkpoint={"name": "c.pt", "bytes": 1, "mtime_ns": 2})
+    args.update(kw)
+    return json.loads(json.dumps(T.sidecar_content(**args)))   # as read back from disk
+
+
+def test_names():
+    assert T.plan_filename((9, 0)) == "model.sm90.plan" and T.plan_filename((12, 0)) == "model.sm120.plan"
+    assert T.cc_key((8, 6)) == "8.6"
+    assert T.sidecar_path("/r/m/1/model.sm90.plan") == Path("/r/m/1/model.sm90.plan.json")
+
+
+def test_sidecar_content():
+    s = _sidecar()
+    assert s["tensorrt_version"] == "10.7.0" and s["compute_capability"] == "9.0" and s["gpu_name"] == "NVIDIA H200"
+    assert s["precision"] == "fp16" and s["plan"] == "model.sm90.plan" and s["max_batch"] == 64
+    assert s["profiles"] == [{"input": "pixel_values", "min": [1, 3, 224, 224], "opt": [16, 3, 224, 224], "max": [64, 3, 224, 224]}]
+    assert s["builder_flags"]["fp16"] is True and "NORMALIZATION" in s["builder_flags"]["fp32_layer_types"]
+
+
+@pytest.mark.parametrize("change, ok, why", [
+    ({}, True, "matches"),
+    ({"trt_version": "10.8.0"}, False, "TensorRT version"),
+    ({"cc": (8, 0)}, False, "compute capability"),
+    ({"precision": "fp32"}, False, "precision"),
+    ({"max_batch": 32}, False, "max batch"),
+    ({"checkpoint": {"name": "other.pt", "bytes": 1, "mtime_ns": 2}}, False, "checkpoint"),
+])
+def test_plan_matches(change, ok, why):
+    want = dict(trt_version="10.7.0", compute_capability=change.get("cc", (9, 0)), precision=change.get("precision", "fp16"),
+                max_batch=change.get("max_batch", 64), checkpoint=change.get("checkpoint", {"name": "c.pt", "bytes": 1, "mtime_ns": 2}))
+    if "trt_version" in change:
+        want["trt_version"] = change["trt_version"]
+    got, reason = T.plan_matches(_sidecar(), **want)
+    assert got is ok and why in reason
+
+
+def test_plan_matches_ignores_what_is_not_asked_and_old_sidecars():
+    assert T.plan_matches(_sidecar(), trt_version="10.7.0", compute_capability=(9, 0))[0]
+    assert not T.plan_matches({**_sidecar(), "sidecar_version": 0}, trt_version="10.7.0", compute_capability=(9, 0))[0]
+
+
+def _fake_repo(tmp_path, cc=(9, 0), version="10.7.0"):
+    for tower, model in T.TRT_MODELS.items():
+        d = tmp_path / model / "1"
+        d.mkdir(parents=True)
+        (tmp_path / model / "config.pbtxt").write_text("x")
+        plan = d / T.plan_filename(cc)
+        plan.write_bytes(b"plan")
+        T.sidecar_path(plan).write_text(json.dumps(_sidecar(tower=tower, compute_capability=cc, trt_version=version)))
+    return tmp_path
+
+
+def test_repository_plans_status(tmp_path):
+    repo = _fake_repo(tmp_path)
+    assert T.repository_plans_status(repo, trt_version="10.7.0", compute_capability=(9, 0))[0]
+    ok, why = T.repository_plans_status(repo, trt_version="10.7.0", compute_capability=(8, 9))
+    assert not ok and "model.sm89.plan" in why                       # another GPU: no plan for it yet
+    ok, why = T.repository_plans_status(repo, trt_version="10.8.0", compute_capability=(9, 0))
+    assert not ok and "TensorRT version" in why                      # the image was upgraded
+    (repo / "filip_text_trt" / "1" / "model.sm90.plan").unlink()
+    assert not T.repository_plans_status(repo, trt_version="10.7.0", compute_capability=(9, 0))[0]
+    assert not T.repository_plans_status(tmp_path / "empty", trt_version="10.7.0", compute_capability=(9, 0))[0]
+
+
+def test_plans_in_lists_every_architecture(tmp_path):
+    d = tmp_path / "v"
+    d.mkdir()
+    for cc in ((8, 0), (9, 0)):
+        (d / T.plan_filename(cc)).write_bytes(b"p")
+        T.sidecar_path(d / T.plan_filename(cc)).write_text(json.dumps(_sidecar(compute_capability=cc)))
+    (d / "model.sm75.plan.json").write_text("{}")                     # sidecar without a plan: ignored
+    assert T.plans_in(d) == {"8.0": "model.sm80.plan", "9.0": "model.sm90.plan"}
+
+
+# --- tensorrt_plan configs --------------------------------------------------------------------
+def test_tensorrt_config_text():
+    s = RepoSettings(max_batch=64)
+    text = tensorrt_config("filip_text_trt", tower_spec(CFG, "text", 64), s,
+                           {"9.0": "model.sm90.plan", "8.0": "model.sm80.plan"}, "model.sm90.plan")
+    lines = text.splitlines()
+    assert lines[:4] == ['name: "filip_text_trt"', 'platform: "tensorrt_plan"', "max_batch_size: 64",
+                         'default_model_filename: "model.sm90.plan"']
+    assert 'cc_model_filenames { key: "8.0" value: "model.sm80.plan" }' in lines
+    assert 'cc_model_filenames { key: "9.0" value: "model.sm90.plan" }' in lines
+    assert '{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] }' in text
+    assert '{ name: "lengths" data_type: TYPE_INT64 dims: [ 1 ] reshape: { shape: [ ] } }' in text
+    assert '{ name: "tokens" data_type: TYPE_FP32 dims: [ -1, 256 ] }' in text
+    assert '{ name: "pooled" data_type: TYPE_FP32 dims: [ 256 ] }' in text
+    assert "kind: KIND_GPU" in text and "max_queue_delay_microseconds: 500" in text and "backend:" not in text
+    image = tensorrt_config("filip_image_trt", tower_spec(CFG, "image", 64), s, {"9.0": "model.sm90.plan"}, "model.sm90.plan")
+    assert '{ name: "pixel_values" data_type: TYPE_FP32 dims: [ 3, 224, 224 ] }' in image
+    assert '{ name: "tokens" data_type: TYPE_FP32 dims: [ 49, 256 ] }' in image
+
+
+def test_tensorrt_configs_only_add_to_the_cpu_configs():
+    s = RepoSettings()
+    base = model_configs(CFG, s, 100.0)
+    plans = TensorRTPlans(files={"text": {"9.0": "model.sm90.plan"}, "image": {"9.0": "model.sm90.plan"}},
+                          default={"text": "model.sm90.plan", "image": "model.sm90.plan"})
+    extra = tensorrt_configs(CFG, s, plans, base)
+    assert set(extra) == {"filip_text", "filip_image", "filip_text_trt", "filip_image_trt"}
+    for front, model in (("filip_text", "filip_text_trt"), ("filip_image", "filip_image_trt")):
+        assert extra[front] == base[front] + f'parameters {{ key: "trt_model" value: {{ string_value: "{model}" }} }}\n'
+    assert base == model_configs(CFG, s, 100.0)   # not mutated
+
+
+def test_write_repository_cpu_path_unchanged_and_trt_models(tmp_path):
+    """Without plans the repository is exactly what model_configs says (no TensorRT model);
+    with plans the tensorrt_plan models get a config and no model.py adapter."""
+    cpu, gpu = tmp_path / "cpu", tmp_path / "gpu"
+    names = [p.name for p in write_repository(cpu, CFG, logit_scale=100.0)]
+    assert not any(n.endswith("_trt") for n in names)
+    for name, text in model_configs(CFG, RepoSettings(), 100.0).items():
+        assert (cpu / name / "config.pbtxt").read_text() == text
+    plans = TensorRTPlans(files={"text": {"9.0": "model.sm90.plan"}, "image": {"9.0": "model.sm90.plan"}},
+                          default={"text": "model.sm90.plan", "image": "model.sm90.plan"})
+    names = [p.name for p in write_repository(gpu, CFG, logit_scale=100.0, tensorrt=plans)]
+    assert names[-2:] == ["filip_text_trt", "filip_image_trt"]
+    assert 'platform: "tensorrt_plan"' in (gpu / "filip_text_trt" / "config.pbtxt").read_text()
+    assert not (gpu / "filip_text_trt" / "1" / "model.py").exists()
+    assert "trt_model" in (gpu / "filip_text" / "config.pbtxt").read_text()
+    assert (gpu / "filip_score" / "config.pbtxt").read_text() == (cpu / "filip_score" / "config.pbtxt").read_text()
+
+
+# --- gates ---------------------------------------------------------------------------------
+def test_topk_agreement():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((16, 64))
+    r = T.topk_agreement(ref, ref + 1e-9)
+    assert r.passed and r.mean_overlap == 1.0 and r.k == 10 and r.n_queries == 16 and r.n_items == 64
+    r = T.topk_agreement(ref, rng.standard_normal((16, 64)))
+    assert not r.passed and r.mean_overlap < 0.5 and "FAIL" in r.line()
+    assert T.topk_agreement(ref[:, :4], ref[:, :4]).k == 4           # fewer items than k
+    with pytest.raises(ValueError):
+        T.topk_agreement(ref, ref[:, :3])
+
+
+def _case(noise: float, label: str):
+    rng = np.random.default_rng(1)
+    tok = rng.standard_normal((4, 49, 256)).astype(np.float32)
+    tok /= np.linalg.norm(tok, axis=-1, keepdims=True)
+    cand = tok + noise * rng.standard_normal(tok.shape).astype(np.float32)
+    return compare_outputs({"tokens": tok}, {"tokens": cand}, T.engine_tolerance("fp16" if "fp16" in label else "fp32"), label)
+
+
+def test_gates_pass_and_fail_loudly():
+    ok = [_case(1e-5, "fp32 image"), _case(1e-3, "fp16 image")]
+    assert T.gate_failures(ok) == []
+    T.raise_if_gates_failed(ok, T.topk_agreement(np.eye(12), np.eye(12)))
+    bad32 = _case(2e-3, "fp32 image")           # cosine ~0.999: enough for fp16, not for fp32
+    assert not bad32.passed and bad32.outputs[0].min_cosine < 0.9999
+    with pytest.raises(ValidationError, match=r"fp32 image: tokens: .*min cosine 0\.99\d+ < 0\.9999"):
+        T.raise_if_gates_failed([ok[0], bad32])
+    rng = np.random.default_rng(2)
+    bad_rank = T.topk_agreement(rng.standard_normal((8, 64)), rng.standard_normal((8, 64)))
+    with pytest.raises(ValidationError, match="top-10 agreement"):
+        T.raise_if_gates_failed(ok, bad_rank)
+    assert T.TRT_FP32_TOLERANCE.min_cosine == 0.9999 and T.TRT_FP16_TOLERANCE.min_cosine == 0.999
+
+
+# --- without TensorRT / GPU -------------------------------------------------------------------
+def test_runtime_module_imports_without_tensorrt():
+    r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['tensorrt'] = None; import engine.runtime as r; "
+                        "print(r.TensorRTRuntime.__name__)"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "TensorRTRuntime" in r.stdout, r.stderr
+
+
+def test_tensorrt_runtime_fails_with_one_clear_error(tmp_path):
+    from engine.runtime import TensorRTRuntime
+    if _has_tensorrt() and __import__("torch").cuda.is_available():
+        pytest.skip("TensorRT and a GPU are present: covered by the gpu tests")
+    with pytest.raises(ExportError, match="TensorRT is not installed|no CUDA device"):
+        TensorRTRuntime(tmp_path / "x.plan", tower_spec(CFG, "image"))
+
+
+def test_check_cli_without_gpu_or_tensorrt(tmp_path):
+    if _has_tensorrt() and __import__("torch").cuda.is_available():
+        pytest.skip("TensorRT and a GPU are present")
+    r = subprocess.run([sys.executable, "-m", "export.trt", "check", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_triton_model_runtime_with_a_fake_stub():
+    """The BLS runtime a front end would use to forward to filip_*_trt (no server needed)."""
+    from engine.runtime import TritonModelRuntime
+
+    class Tensor:
+        def __init__(self, name, a):
+            self.name, self.a = name, a
+
+        def as_numpy(self):
+            return self.a
+
+        def is_cpu(self):
+            return True
+
+    class Response:
+        def __init__(self, outs):
+            self.outs = outs
+
+        def has_error(self):
+            return False
+
+    class Request:
+        def __init__(self, model_name, inputs, requested_output_names, preferred_memory=None):
+            self.model_name, self.inputs, self.names = model_name, inputs, requested_output_names
+
+        def exec(self):
+            n = self.inputs[0].a.shape[0]
+            return Response({"tokens": np.ones((n, 49, 256), np.float32), "pooled": np.ones((n, 256), np.float32)})
+
+    class PB:
+        pass
+    pb = PB()
+    pb.Tensor, pb.InferenceRequest = Tensor, Request
+    pb.get_output_tensor_by_name = lambda resp, name: Tensor(name, resp.outs[name])
+    rt = TritonModelRuntime("filip_image_trt", tower_spec(CFG, "image"), pb_utils=pb)
+    out = rt.infer({"pixel_values": np.zeros((3, 3, 224, 224), np.float32)})
+    assert out["tokens"].shape == (3, 49, 256) and out["pooled"].shape == (3, 256)
+
+
+def test_gpu_check_script_skips_without_cuda():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: scripts/gpu_check.py runs for real there")
+    r = subprocess.run([sys.executable, "scripts/gpu_check.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1 and "skipped" in r.stdout, r.stdout + r.stderr
+
+
+def test_entrypoint_scripts_are_valid_bash():
+    for script in ("docker/entrypoint.sh", "docker/healthcheck.sh"):
+        r = subprocess.run(["bash", "-n", script], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert os.access(ROOT / script, os.X_OK), f"{script} is not executable"
+
+
+# --- on a GPU with TensorRT -----------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_tensorrt(), reason="needs the tensorrt package (pip install tensorrt-cu12); not installed here")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_trt_engine_parity(tiny_checkpoint, tmp_path, precision):
+    import tensorrt
+    from engine.checkpoint import load_checkpoint
+    from export.to_onnx import export_tower
+    if precision == "fp16" and T.trt_major(tensorrt.__version__) >= 11:
+        pytest.skip(f"fp16 needs TensorRT 10.x (weak typing); this is {tensorrt.__version__}")
+    model = load_checkpoint(tiny_checkpoint).model
+    plans = {}
+    for tower in ("image", "text"):
+        onnx_path = export_tower(model, tower, tmp_path / f"{tower}.onnx", max_batch=8)
+        plans[tower] = tmp_path / tower / T.plan_filename(T.detect_environment()["compute_capability"])
+        meta = T.build_engine(onnx_path, plans[tower], tower_spec(model.config, tower, 8), precision=precision,
+                              max_batch=8, timing_cache=tmp_path / "timing.cache")
+        assert meta["precision"] == precision and T.sidecar_path(plans[tower]).is_file()
+    assert (tmp_path / "timing.cache").is_file()
+    results, ranking = T.validate_engines(model, plans, precision=precision, max_batch=8)
+    for r in results:
+        print(r.summary())
+    T.raise_if_gates_failed(results, ranking)
+    assert (ranking is not None) == (precision == "fp16")
