@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         *score_rows, "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    from .search_bench import keep_section
+    args.out.write_text(keep_section(args.out, "\n".join(lines) + "\n"))   # the search section is written by client.search_bench
     print(f"wrote {args.out}")
     for t, m, ok in targets:
         print(f"{'met ' if ok else 'MISS'} {t}: {m}")

@@ -76,6 +76,7 @@ def bench_size(root: Path, n: int, *, token_dtype: str, n_queries: int, candidat
         out["open_verified_s"] = time.perf_counter() - t
     s = Searcher(g)
     out["first_stage_build_s"] = s.stage_build_ms / 1e3
+    out["first_stage"], out["in_memory"] = s.stage.name, g.in_memory
     out["rss_mib_after_load"] = _rss_mib() - rss0
     token_bytes = sum(seg.tokens.nbytes + (0 if seg.scales is None else seg.scales.nbytes) for seg in g.segments)
     out["token_bytes"] = token_bytes
@@ -171,6 +172,53 @@ def table(results: list[dict], memcpy: float) -> str:
     return "\n".join(rows)
 
 
+START, END = "<!-- search-bench:start -->", "<!-- search-bench:end -->"
+
+
+def keep_section(path: Path, text: str) -> str:
+    """``text`` with the search section of the existing ``path`` (if any) appended, so that
+    client.bench_report, which rewrites the file, keeps what this benchmark wrote."""
+    old = path.read_text() if path.exists() else ""
+    if START in old and END in old:
+        return text.rstrip("\n") + "\n\n" + old[old.index(START):old.index(END) + len(END)] + "\n"
+    return text
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace (or append) the delimited search section of ``path``."""
+    old = path.read_text() if path.exists() else ""
+    block = f"{START}\n{section.rstrip()}\n{END}"
+    if START in old and END in old:
+        new = old[:old.index(START)] + block + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip("\n") + ("\n\n" if old else "") + block + "\n"
+    path.write_text(new)
+
+
+def report(results: list[dict], memcpy: float, command: str) -> str:
+    lines = ["## Gallery search at scale (in-process and served)", "",
+             f"`{command}` on this machine (2 cores, no GPU). Synthetic galleries with clustered token structure",
+             "(client/gallery_synth.py): B/32 shape, 49 patch tokens x 256 dims per item, fp16; queries are",
+             "synthetic captions of 6-20 tokens aimed at known items. One query per call; recall@10 is two-stage",
+             "search's top-10 against exact search's for the same query. Exact search above 100k items is timed on",
+             "fewer queries (it reads the whole gallery each time).", "",
+             table(results, memcpy), ""]
+    for r in results:
+        lines.append(f"- {r['items']:,} items: {'in memory' if r.get('in_memory') else 'memory-mapped'}; first stage "
+                     f"{r.get('first_stage', '?')} built in {r['first_stage_build_s']:.1f} s; open {r['open_s']:.1f} s"
+                     + (f" ({r['open_verified_s']:.1f} s with SHA-256 verification)" if "open_verified_s" in r else "")
+                     + f"; exact search of all {r['exact_batched_queries']} queries batched {r['exact_batched_s']:.1f} s; "
+                     f"single exact queries timed: {r['exact_queries']}.")
+        if "served" in r:
+            sv = r["served"]
+            lines.append(f"  Served through filip_search (gRPC client, text embedding by filip_text included; reload "
+                         f"with verification {sv['reload_s']:.1f} s): exact p50 {sv['exact']['p50_ms']:.0f} ms / p99 "
+                         f"{sv['exact']['p99_ms']:.0f} ms, two-stage p50 {sv['two_stage']['p50_ms']:.0f} ms / p99 "
+                         f"{sv['two_stage']['p99_ms']:.0f} ms over {sv['exact']['calls']} calls each; query embedding "
+                         f"p50 {sv['exact']['embed_p50_ms']:.1f} ms.")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m client.search_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="10000,100000", help="comma-separated gallery sizes (default 10000,100000)")
@@ -181,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="single-query exact searches timed per size (default: all queries; fewer at 1M)")
     p.add_argument("--candidates", type=int, default=2000, help="two-stage candidates per query (default 2000)")
     p.add_argument("--json", type=Path, default=None, help="write the figures as JSON")
+    p.add_argument("--report", type=Path, default=None,
+                   help="write the figures as the gallery-search section of this Markdown file (docs/BENCHMARKS.md)")
     p.add_argument("--repository", type=Path, default=None,
                    help="also serve each gallery with this model repository (its token dimension must be the "
                         "synthetic galleries' 256 with 49 patches: a ViT-B-32 export, e.g. build/demo/triton_models) "
@@ -206,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(threads: {os.cpu_count()} cores; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB)")
     if args.json:
         args.json.write_text(json.dumps({"memcpy": memcpy, "results": results}, indent=1))
+    if args.report:
+        import sys
+        write_section(args.report, report(results, memcpy, "python -m client.search_bench " + " ".join(sys.argv[1:] if argv is None else argv)))
+        print(f"wrote the search section of {args.report}")
     return 0
 
 
