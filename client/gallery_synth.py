@@ -39,6 +39,8 @@ class SyntheticSpec:
     def __init__(self, *, dim: int = 256, tokens: int = 49, topics: int = 1000, words: int = 4096,
                  words_per_topic: int = 24, seed: int = 0):
         self.dim, self.tokens, self.seed = dim, tokens, seed
+        self.params = {"synthetic": True, "dim": dim, "tokens": tokens, "topics": topics, "words": words,
+                       "words_per_topic": words_per_topic, "seed": seed}
         rng = np.random.default_rng(seed)
         self.centres = _norm(rng.standard_normal((topics, dim), dtype=np.float32))
         self.words = _norm(rng.standard_normal((words, dim), dtype=np.float32))
@@ -84,11 +86,18 @@ def synthesize(path: str | Path, n: int, *, token_dtype: str = "float16", segmen
     figures: items written, seconds, items/s of the writer alone."""
     spec = spec or SyntheticSpec()
     path = Path(path)
+    qfile = path / QUERY_FILE
+    if qfile.exists() and (path / "gallery.json").exists():
+        import json
+        m = json.loads((path / "gallery.json").read_text())
+        z = np.load(qfile)
+        if m.get("count") == n and len(z["targets"]) == min(n_queries, n) and m.get("model") == spec.params:
+            return {"items": n, "written": 0, "generate_s": 0.0, "write_s": 0.0, "write_items_per_s": None}
     rng = np.random.default_rng([spec.seed, 3])
     targets = np.sort(rng.choice(n, min(n_queries, n), replace=False))
     t_topics, t_words = np.zeros(len(targets), np.int64), np.zeros((len(targets), spec.tokens), np.int64)
     gen_s = write_s = 0.0
-    with GalleryWriter(path, token_dtype=token_dtype, model={"synthetic": True, "seed": spec.seed}) as w:
+    with GalleryWriter(path, token_dtype=token_dtype, model=spec.params) as w:
         done = w.count
         for a in range(0, n, segment):
             b = min(a + segment, n)

@@ -362,6 +362,11 @@ class SearchEndpoint:
         self.embed_texts = embed_texts
         self.verify = params.get("gallery_verify", "full")
         self.load = params.get("gallery_load", "auto")
+        self.first_stage = params.get("first_stage", "auto")        # auto | flat | ivf | qdrant
+        self.qdrant_url = params.get("qdrant_url", "")
+        self.qdrant_collection = params.get("qdrant_collection", "")
+        if self.first_stage not in ("auto", "flat", "ivf", "qdrant") or (self.first_stage == "qdrant" and not self.qdrant_url):
+            raise GalleryError(f"first_stage must be auto, flat, ivf or qdrant (with qdrant_url), got {self.first_stage!r}")
         self.searcher: Searcher | None = None
         self.name: str | None = None
         self.load_error: str | None = None
@@ -374,7 +379,14 @@ class SearchEndpoint:
     def reload(self, name: str) -> dict:
         path = self.root / _check_name(name)
         t = time.perf_counter()
-        searcher = Searcher(Gallery.open(path, verify=self.verify, load=self.load))    # raises before anything is swapped
+        gallery = Gallery.open(path, verify=self.verify, load=self.load)     # raises before anything is swapped
+        stage = None
+        if self.first_stage == "qdrant":
+            # the first stage on a Qdrant server/cluster, filled beforehand with
+            # engine.qdrant_store.QdrantStage.build (docs/DEPLOYMENT.md); checked against this gallery
+            from .qdrant_store import QdrantStage, connect
+            stage = QdrantStage(connect(url=self.qdrant_url), self.qdrant_collection or name, gallery)
+        searcher = Searcher(gallery, stage, first_stage="auto" if self.first_stage == "qdrant" else self.first_stage)
         self.searcher, self.name, self.load_error = searcher, name, None
         return {**searcher.gallery.info(), "name": name, "load_ms": round(_ms(t), 1)}
 

@@ -49,6 +49,8 @@ class RepoSettings:
     gallery_root: str = ""
     gallery: str = "default"
     gallery_verify: str = "full"             # "full": sizes + SHA-256 at (re)load; "size": sizes only
+    first_stage: str = "auto"                # two-stage candidates: auto (flat <= 200k items, else IVF), flat, ivf,
+    qdrant_url: str = ""                     # or qdrant (a Qdrant server at qdrant_url, collection = gallery name)
 
 
 def _tensor(name: str, dtype: str, dims: list[int], optional: bool = False) -> str:
@@ -118,7 +120,8 @@ def model_configs(cfg: FilipConfig, s: RepoSettings, logit_scale: float) -> dict
         # that serves; its exact scan already uses every core (engine/search.py).
         "filip_search": _config("filip_search", max_batch=0, instances=1, queue_delay_us=None,
                                 params={**root, "text_max_batch": str(s.max_batch), "gallery_root": s.gallery_root,
-                                        "gallery": s.gallery, "gallery_verify": s.gallery_verify},
+                                        "gallery": s.gallery, "gallery_verify": s.gallery_verify,
+                                        "first_stage": s.first_stage, "qdrant_url": s.qdrant_url},
                                 inputs=[_tensor("TEXT", "TYPE_STRING", [-1], optional=True),
                                         _tensor("K", "TYPE_INT32", [1], optional=True),
                                         _tensor("MODE", "TYPE_STRING", [1], optional=True),
