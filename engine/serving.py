@@ -182,7 +182,7 @@ def _tokens_and_lengths(tokens: np.ndarray, lengths: np.ndarray, what: str) -> t
 
 
 def score_request(inputs: dict[str, np.ndarray], *, want_alignment: bool = False,
-                  limits: ServingLimits = ServingLimits()) -> Result:
+                  limits: ServingLimits = ServingLimits(), device: str = "cpu") -> Result:
     """IMAGE_TOKENS/IMAGE_LENGTHS and TEXT_TOKENS/TEXT_LENGTHS -> S_I, S_T [n_img, n_txt]
     (+ ALIGNMENT [n_img, n_txt, P] int32: each patch's best text token, when asked)."""
     try:
@@ -193,7 +193,11 @@ def score_request(inputs: dict[str, np.ndarray], *, want_alignment: bool = False
         tt, tl = _tokens_and_lengths(inputs["TEXT_TOKENS"], inputs["TEXT_LENGTHS"], "TEXT")
         if it.shape[0] * tt.shape[0] > limits.max_score_items:
             raise InvalidInputError(f"{it.shape[0]} x {tt.shape[0]} pairs exceed the limit of {limits.max_score_items} per request")
-        s = late_interaction(it, il, tt, tl)
+        if device != "cpu":    # late_interaction runs where the image tokens are (fp32 GEMM, TF32 off by default)
+            import torch
+            s = late_interaction(torch.from_numpy(it).to(device), il, torch.from_numpy(tt).to(device), tl)
+        else:
+            s = late_interaction(it, il, tt, tl)
         out = {"S_I": s.s_i, "S_T": s.s_t}
         if want_alignment:
             amap = np.zeros((it.shape[0], tt.shape[0], it.shape[1]), np.int32)
@@ -249,11 +253,17 @@ class ScoreEndpoint:
 
     def __init__(self, version_dir: Path | None = None, params: dict[str, str] | None = None):
         self.limits = ServingLimits.from_params(params or {})
+        # "auto": the GPU when torch sees one (unverified on a GPU so far: docs/GPU.md), else the CPU
+        wanted = (params or {}).get("device", "auto")
+        if wanted == "auto":
+            import torch
+            wanted = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = wanted
 
     def __call__(self, requests: Sequence[tuple[dict[str, np.ndarray | None], Sequence[str]]]) -> list[Result]:
         results: list[Result] = []
         for inputs, wanted in requests:
-            res = score_request(inputs, want_alignment="ALIGNMENT" in wanted, limits=self.limits)
+            res = score_request(inputs, want_alignment="ALIGNMENT" in wanted, limits=self.limits, device=self.device)
             if isinstance(res, dict) and wanted:
                 res = {k: v for k, v in res.items() if k in wanted}
             results.append(res)

@@ -141,3 +141,17 @@ def test_endpoints_from_triton_args(tiny_checkpoint, tmp_path, pipe):
               "TEXT_TOKENS": t[0]["TOKENS"], "TEXT_LENGTHS": t[0]["LENGTHS"][:, 0]}
     only_si, everything = score([(inputs, ["S_I"]), (inputs, [])])
     assert set(only_si) == {"S_I"} and set(everything) == {"S_I", "S_T"}
+
+
+def test_score_request_on_a_torch_device_equals_numpy_path():
+    """The device path (the GPU when present) through torch tensors; "cpu:0" exercises it here."""
+    rng = np.random.default_rng(3)
+    it = rng.standard_normal((3, 5, 8)).astype(np.float32)
+    tt = rng.standard_normal((2, 4, 8)).astype(np.float32)
+    inputs = {"IMAGE_TOKENS": it, "IMAGE_LENGTHS": np.array([5, 3, 1], np.int32),
+              "TEXT_TOKENS": tt, "TEXT_LENGTHS": np.array([4, 2], np.int32)}
+    a = score_request(inputs)
+    b = score_request(inputs, device="cpu:0")
+    assert isinstance(b["S_T"], np.ndarray)
+    np.testing.assert_allclose(a["S_I"], b["S_I"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(a["S_T"], b["S_T"], rtol=0, atol=1e-6)
