@@ -265,7 +265,15 @@ def canary_requests(grpc, dim: int) -> dict[str, tuple[list, list[str]]]:
     emb = Embeddings(tokens, np.array([2], np.int32), np.zeros((1, 1), np.float32))
     return {TEXT_MODEL: (text_inputs(grpc, ["health check"]), ["POOLED"]),
             IMAGE_MODEL: (image_inputs(grpc, [_png(_pil().new("RGB", (8, 8)))]), ["POOLED"]),
-            SCORE_MODEL: (score_inputs(grpc, emb, emb), ["S_I"])}
+            SCORE_MODEL: (score_inputs(grpc, emb, emb), ["S_I"]),
+            SEARCH_MODEL: (status_inputs(grpc), ["INFO"])}
+
+
+def status_inputs(grpc) -> list:
+    """A filip_search status request (no TEXT, no RELOAD): answers INFO on the served gallery."""
+    inp = grpc.InferInput("K", [1], "INT32")
+    inp.set_data_from_numpy(np.array([1], np.int32))
+    return [inp]
 
 
 def build_prompts(labels: Sequence[str], templates: Sequence[str]) -> list[str]:

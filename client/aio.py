@@ -141,6 +141,12 @@ class AsyncFilipClient:
             out += hits
         return out
 
+    async def gallery_info(self, *, timeout: float | None = None) -> dict:
+        """Which gallery filip_search serves: name, count, segments, ... (name None and
+        load_error set when none is loaded)."""
+        res = await self._call(P.SEARCH_MODEL, P.status_inputs(grpc), ["INFO"], timeout, "gallery info")
+        return P.parse_info(res)
+
     async def reload_gallery(self, name: str, *, timeout: float | None = None) -> dict:
         res = await self._call(P.SEARCH_MODEL, P.reload_inputs(grpc, name), ["INFO"], timeout, f"reload gallery {name!r}")
         return P.parse_info(res)

@@ -174,6 +174,12 @@ class FilipClient:
             out += hits
         return out
 
+    def gallery_info(self, *, timeout: float | None = None) -> dict:
+        """Which gallery filip_search serves: name, count, segments, ... (name None and
+        load_error set when none is loaded)."""
+        res = self._call(P.SEARCH_MODEL, P.status_inputs(grpc), ["INFO"], timeout, "gallery info")
+        return P.parse_info(res)
+
     def reload_gallery(self, name: str, *, timeout: float | None = None) -> dict:
         """Make filip_search load the gallery ``name`` (a folder under its gallery root),
         verified, without a restart; on any problem the previous gallery stays served and

@@ -349,8 +349,9 @@ def _check_name(name: str) -> str:
 class SearchEndpoint:
     """filip_search: loads the gallery ``<gallery_root>/<gallery>`` at start and on request.
 
-    A request carries either RELOAD (a gallery name: load it, verify it, swap it in; on any
-    problem the previous gallery stays and the request fails with the reason) or TEXT
+    A request carries RELOAD (a gallery name: load it, verify it, swap it in; on any
+    problem the previous gallery stays and the request fails with the reason), or nothing
+    but optional inputs (a status request: INFO on the served gallery), or TEXT
     (queries, embedded by ``embed_texts``, i.e. the text front end) with optional K, MODE,
     CANDIDATES and ALLOWED_IDS.  Outputs: IDS, SCORES, METADATA (JSON per hit) [nq, k'] and
     INFO (JSON: gallery, mode, timings)."""
@@ -394,8 +395,10 @@ class SearchEndpoint:
         if inputs.get("RELOAD") is not None:
             info = self.reload(_scalar_str(inputs["RELOAD"], "RELOAD"))
             return {"INFO": np.array([json.dumps(info).encode()], dtype=object)}
-        if inputs.get("TEXT") is None:
-            raise InvalidInputError("give TEXT (queries) or RELOAD (a gallery name)")
+        if inputs.get("TEXT") is None:       # a status request: which gallery is served (also the health canary)
+            status = {"name": self.name, "root": str(self.root), "load_error": self.load_error,
+                      **(self.searcher.gallery.info() if self.searcher is not None else {})}
+            return {"INFO": np.array([json.dumps(status).encode()], dtype=object)}
         if self.searcher is None:
             raise GalleryError(f"no gallery is loaded ({self.load_error}); index one into {self.root}/<name> "
                                "and send RELOAD with its name")

@@ -177,6 +177,8 @@ def test_endpoint_search_reload_and_errors(tmp_path):
     ep = SearchEndpoint(None, {"gallery_root": str(root)}, embed)     # no gallery yet: still loads
     [res] = ep([_request(TEXT=["a cat"])])
     assert isinstance(res, GalleryError) and "no gallery is loaded" in str(res)
+    [status] = ep([{}])
+    assert json.loads(status["INFO"][0])["name"] is None and "no gallery at" in json.loads(status["INFO"][0])["load_error"]
     synthesize(root / "one", 500, spec=spec)
     synthesize(root / "two", 800, spec=spec)
     good, = ep([_request(RELOAD=["one"])])
@@ -189,7 +191,9 @@ def test_endpoint_search_reload_and_errors(tmp_path):
               _request(TEXT=["a cat"], K=np.array([3], np.int32), MODE=["two_stage"], CANDIDATES=np.array([500], np.int32))])
     ok, empty, mode, k0, notext, two = out
     assert ok["IDS"].shape == ok["SCORES"].shape == ok["METADATA"].shape == (2, 5)
-    assert "empty" in str(empty) and "MODE" in str(mode) and "K must lie" in str(k0) and "give TEXT" in str(notext)
+    assert "empty" in str(empty) and "MODE" in str(mode) and "K must lie" in str(k0)
+    status = json.loads(notext["INFO"][0])                                # no TEXT: a status request
+    assert status["name"] == "one" and status["count"] == 500 and status["load_error"] is None
     assert list(two["IDS"][0]) == list(ok["IDS"][0][:3])                 # all 500 candidates: exact
     assert json.loads(ok["METADATA"][0][0])["topic"] >= 0
     # a direct check of one score against the brute force

@@ -59,9 +59,9 @@ def _same(a: Embeddings, b, label: str) -> None:
 
 def test_health(client):
     h = client.health()
-    assert h.ok and set(h.models) == {"filip_text", "filip_image", "filip_score"} and h.canaries is None
+    assert h.ok and set(h.models) == {"filip_text", "filip_image", "filip_score", "filip_search"} and h.canaries is None
     deep = client.health(deep=True)
-    assert deep.ok and deep.canaries == {"filip_text": None, "filip_image": None, "filip_score": None}
+    assert deep.ok and deep.canaries == {"filip_text": None, "filip_image": None, "filip_score": None, "filip_search": None}
 
 
 def test_served_text_equals_pytorch(served, client):

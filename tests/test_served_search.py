@@ -41,7 +41,9 @@ def test_search_before_any_gallery_is_a_clear_error(setup):
     with FilipClient(server.url) as c:
         with pytest.raises(FilipInvalidInputError, match="no gallery is loaded"):
             c.search(["a cat"])
-        assert c.health().models["filip_search"]
+        assert c.health().models["filip_search"] and c.health(deep=True).ok
+        status = c.gallery_info()
+        assert status["name"] is None and "no gallery at" in status["load_error"]
 
 
 def test_index_reload_search(setup, capsys):
@@ -56,6 +58,7 @@ def test_index_reload_search(setup, capsys):
         assert (again.added, again.skipped, len(again.failed), again.total) == (0, 14, 1, 14)
         info = c.reload_gallery("default")
         assert info["count"] == 14 and info["segments"] == 3
+        assert c.gallery_info()["name"] == "default" and c.gallery_info()["count"] == 14
         texts = ["a photo of a cat", "noise", "two dogs in the snow"]
         hits = c.search(texts, k=5)
         assert [len(h) for h in hits] == [5, 5, 5]
