@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .bench_report import memcpy_bandwidth   # the same measure as the scorer section
 from .gallery import gallery_bytes
 from .gallery_synth import SyntheticSpec, load_queries, synthesize
 
@@ -52,19 +53,6 @@ def evict(path: Path) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-
-
-def memcpy_bandwidth(nbytes: int = 512 * 2**20) -> float:
-    """Bytes copied per second by np.copyto of 512 MiB (best of 5): the same measure as
-    client/bench_report.py."""
-    src = np.ones(nbytes, np.uint8)
-    dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t)
-    return nbytes / best
 
 
 def bench_size(root: Path, n: int, *, token_dtype: str, n_queries: int, candidates: int, memcpy: float,
