@@ -35,6 +35,7 @@ import numpy as np
 
 from .errors import FilipError, GalleryError, InvalidInputError
 from .gallery import Gallery
+from .serving import utf8
 
 MODES = ("exact", "two_stage")
 CHUNK_IMAGES = 200                # ~5 MB of fp16 B/32 tokens per kernel call (measured best: 100-200)
@@ -302,18 +303,10 @@ EmbedTexts = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
 
 
 def _scalar_str(raw, what: str) -> str:
-    items = list(np.asarray(raw, dtype=object).reshape(-1))
+    items = _strings(raw, what)
     if len(items) != 1:
         raise InvalidInputError(f"{what} must hold exactly one value, got {len(items)}")
-    v = items[0]
-    if isinstance(v, (bytes, bytearray, np.bytes_)):
-        try:
-            v = bytes(v).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InvalidInputError(f"{what} is not valid UTF-8") from e
-    if not isinstance(v, str):
-        raise InvalidInputError(f"{what} must be a UTF-8 string")
-    return v
+    return items[0]
 
 
 def _scalar_int(raw, what: str, lo: int, hi: int) -> int:
@@ -327,17 +320,7 @@ def _scalar_int(raw, what: str, lo: int, hi: int) -> int:
 
 
 def _strings(raw, what: str) -> list[str]:
-    out = []
-    for i, v in enumerate(np.asarray(raw, dtype=object).reshape(-1)):
-        if isinstance(v, (bytes, bytearray, np.bytes_)):
-            try:
-                v = bytes(v).decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InvalidInputError(f"{what}[{i}] is not valid UTF-8") from e
-        if not isinstance(v, str):
-            raise InvalidInputError(f"{what}[{i}] must be a UTF-8 string")
-        out.append(v)
-    return out
+    return [utf8(v, f"{what}[{i}]") for i, v in enumerate(np.asarray(raw, dtype=object).reshape(-1))]
 
 
 def _check_name(name: str) -> str:

@@ -65,6 +65,18 @@ def _split_run(runtime: Runtime, feeds: dict[str, np.ndarray], counts: list[int]
 
 
 # --- text --------------------------------------------------------------------------------
+def utf8(item, label: str, error: type[InvalidInputError] = InvalidInputError) -> str:
+    """One element of a BYTES tensor as a string; ``label`` names it in the error."""
+    if isinstance(item, (bytes, bytearray, np.bytes_)):
+        try:
+            item = bytes(item).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise error(f"{label} is not valid UTF-8 ({e.reason} at byte {e.start})") from e
+    if not isinstance(item, str):
+        raise error(f"{label} is a {type(item).__name__}, expected UTF-8 bytes")
+    return item
+
+
 def decode_texts(raw: np.ndarray, limits: ServingLimits) -> list[str]:
     """A request's TEXT tensor (object array of bytes, shape [n] or [n, 1]) -> validated strings."""
     items = list(np.asarray(raw, dtype=object).reshape(-1))
@@ -74,13 +86,7 @@ def decode_texts(raw: np.ndarray, limits: ServingLimits) -> list[str]:
         raise TextInputError(f"{len(items)} texts in one request; the limit is {limits.max_items_per_request}")
     texts = []
     for i, item in enumerate(items):
-        if isinstance(item, (bytes, bytearray, np.bytes_)):
-            try:
-                item = bytes(item).decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise TextInputError(f"text {i} is not valid UTF-8 ({e.reason} at byte {e.start})") from e
-        if not isinstance(item, str):
-            raise TextInputError(f"text {i} is a {type(item).__name__}, expected UTF-8 bytes")
+        item = utf8(item, f"text {i}", TextInputError)
         if not item.strip():
             raise TextInputError(f"text {i} is empty")
         if len(item) > limits.max_text_chars:
