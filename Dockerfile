@@ -23,23 +23,23 @@ RUN command -v curl >/dev/null || (apt-get update && apt-get install -y --no-ins
 WORKDIR /opt/filip
 # The project's own pinned dependencies first (a layer that survives source edits) ...
 COPY pyproject.toml README.md ./
+COPY client/pyproject.toml client/README.md client/
+COPY client/filip_client/__init__.py client/filip_client/__init__.py
+COPY client/filip_contract/__init__.py client/filip_contract/__init__.py
 COPY engine/__init__.py engine/__init__.py
 COPY export/__init__.py export/__init__.py
-COPY client/__init__.py client/__init__.py
-RUN python3 -m pip install . "numpy<2" "${TENSORRT_WHEEL}" \
-    && python3 -m pip uninstall -y filip-engine
-# ... then the sources.  The Triton adapters find the engine through the config's project_root
-# (/opt/filip), and export/to_trt.py runs from here, so the tree stays in place.
+RUN python3 -m pip install ./client . "numpy<2" "${TENSORRT_WHEEL}" \
+    && python3 -m pip uninstall -y filip-engine filip-client
+# ... then the sources, installed as the two distributions (filip_client + filip_contract,
+# filip_engine + filip_export).  Each model.py of a repository imports the installed
+# filip_engine.adapters; export/to_trt.py and the GPU check run from here.
+COPY client client
 COPY engine engine
 COPY export export
-COPY client client
-COPY triton_models/filip_text/1/model.py triton_models/filip_text/1/model.py
-COPY triton_models/filip_image/1/model.py triton_models/filip_image/1/model.py
-COPY triton_models/filip_score/1/model.py triton_models/filip_score/1/model.py
-COPY triton_models/filip_search/1/model.py triton_models/filip_search/1/model.py
+COPY triton_models triton_models
 COPY docker docker
-COPY scripts scripts
-RUN python3 -m pip install --no-deps . \
+COPY tools tools
+RUN python3 -m pip install --no-deps ./client . \
     && chmod +x docker/entrypoint.sh docker/healthcheck.sh \
     && python3 -c "import glob, sys, tensorrt; \
 libs = sorted(glob.glob('/usr/lib/*/libnvinfer.so.*.*.*')); \

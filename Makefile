@@ -1,6 +1,6 @@
 # Two entry points, each doing its own set-up on a fresh machine:
 #   make demo   - the main job end to end on this machine
-#   make test   - the test suite
+#   make test   - the test suite (make test-fast: without the tests marked slow)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,12 +9,13 @@ DEMO_DIR ?= build/demo
 DEMO_PRESET ?= ViT-B-32
 DEMO_CKPT := $(DEMO_DIR)/filip-$(DEMO_PRESET).pt
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test test-fast clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml client/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	# two distributions: the client + contract (client/) and the engine (.), both editable
+	$(BIN)/python -m pip install -q -e ./client -e ".[dev]"
 	# open_clip_torch is installed without its dependencies only for the CLIP BPE merges
 	# file it ships (bpe_simple_vocab_16e6.txt.gz) and CLIP's reference tokenizer used
 	# by the tests; the engine never imports it.
@@ -26,10 +27,13 @@ venv: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra
 
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
 demo: $(STAMP)
-	test -f $(DEMO_CKPT) || $(BIN)/python -m engine.checkpoint init --preset $(DEMO_PRESET) --out $(DEMO_CKPT)
+	test -f $(DEMO_CKPT) || $(BIN)/python -m filip_engine.checkpoint init --preset $(DEMO_PRESET) --out $(DEMO_CKPT)
 	$(BIN)/python export/to_trt.py $(DEMO_CKPT) --out $(DEMO_DIR)/triton_models
-	$(BIN)/python -m client.demo --repository $(DEMO_DIR)/triton_models --checkpoint $(DEMO_CKPT)
+	$(BIN)/python -m tools.demo --repository $(DEMO_DIR)/triton_models --checkpoint $(DEMO_CKPT)
 
 clean:
 	rm -rf build .pytest_cache

@@ -36,7 +36,7 @@ fi
 
 cd "$PROJECT"
 set +e
-python3 -m export.trt check "$REPO" --precision "$PRECISION" --max-batch "$MAX_BATCH" --checkpoint "$CKPT"
+python3 -m filip_export.trt check "$REPO" --precision "$PRECISION" --max-batch "$MAX_BATCH" --checkpoint "$CKPT"
 status=$?
 set -e
 if [ "$status" -eq 0 ] && [ ! -f "$REPO/filip_text/config.pbtxt" ]; then

@@ -25,7 +25,7 @@ def write_manifest(directory: str | Path, config: FilipConfig, *, logit_scale: f
         "model": config.to_dict(),
         "logit_scale": logit_scale,
         "checkpoint_layout": layout,
-        "checkpoint": source,
+        "checkpoint": source,                    # the file name only: a repository names no path of this machine
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
         **(extra or {}),

@@ -13,7 +13,7 @@ Loading never executes code from the file: ``torch.load(weights_only=True)`` wit
 allow-list of harmless extras (argparse namespaces found in research checkpoints), or
 safetensors (any layout; a native one keeps its config and vocabulary in the metadata).
 
-Run ``python -m engine.checkpoint init --preset tiny --out tiny.pt`` to write a random
+Run ``python -m filip_engine.checkpoint init --preset tiny --out tiny.pt`` to write a random
 native checkpoint of any preset.
 """
 from __future__ import annotations
@@ -341,7 +341,7 @@ def random_model(cfg: FilipConfig | str, seed: int = 0) -> FilipModel:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine.checkpoint",
+    p = argparse.ArgumentParser(prog="python -m filip_engine.checkpoint",
                                 description="Write a random-initialised native FILIP checkpoint.")
     sub = p.add_subparsers(dest="cmd", required=True)
     init = sub.add_parser("init", help="write a random native checkpoint of a preset")

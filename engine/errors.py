@@ -1,19 +1,18 @@
 """Typed errors raised by the engine.
 
-Every error the engine raises on purpose derives from :class:`FilipError`, so callers
-(the Triton adapters, the export CLI) can tell a bad input from a bug.  Bad user input
-derives from :class:`InvalidInputError` (also a ``ValueError``), which the server maps
-to an INVALID_ARGUMENT response.
+The tree and its status codes are declared by the served contract
+(:mod:`filip_contract.errors`): every error raised on purpose derives from
+:class:`FilipError`; bad caller input derives from :class:`InvalidInputError` (also a
+``ValueError``), which the served models answer with INVALID_ARGUMENT; the server's own
+state (a gallery that cannot be served) with INTERNAL.  The engine adds its own kinds here.
 """
 from __future__ import annotations
 
+from filip_contract.errors import FilipError, FilipInvalidInputError as InvalidInputError, FilipServerError
+from filip_contract.gallery import GalleryError
 
-class FilipError(Exception):
-    """Base class of every error raised on purpose by this project."""
-
-
-class InvalidInputError(FilipError, ValueError):
-    """A caller passed something the engine cannot accept (wrong type, shape, dtype, value)."""
+__all__ = ["FilipError", "InvalidInputError", "FilipServerError", "GalleryError", "ImageDecodeError", "TextInputError",
+           "CheckpointError", "TokenizerError", "ExportError", "ValidationError"]
 
 
 class ImageDecodeError(InvalidInputError):
@@ -41,8 +40,3 @@ class ExportError(FilipError):
 
 class ValidationError(FilipError):
     """A numerics gate (runtime vs PyTorch) failed; the message names the output and figures."""
-
-
-class GalleryError(FilipError):
-    """A gallery that is missing, incomplete, corrupt or incompatible (engine/gallery.py),
-    or a search that cannot run (no gallery loaded)."""

@@ -1,6 +1,6 @@
 """The slow, obviously-right NumPy reference of FILIP's late interaction (float64, loops).
 
-This is the specification :mod:`engine.interaction` is tested against; it is written for
+This is the specification :mod:`filip_engine.interaction` is tested against; it is written for
 reading, not for speed.  ``x`` is one image's real patch tokens [n1, D] and ``y`` one text's
 real tokens [n2, D] (SOT and EOT included, padding already cut off).  See FILIP.md.
 """

@@ -52,7 +52,7 @@ refuses anything over twice its value on its own; raise it too if ``max_pixels``
 beyond that. ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left as Pillow's default (False);
 code that sets it to True disables the truncation check for the whole process.
 
-Every failure is an :class:`~engine.errors.ImageDecodeError` (an ``InvalidInputError``)
+Every failure is an :class:`~filip_engine.errors.ImageDecodeError` (an ``InvalidInputError``)
 with one sentence naming the input, raised ``from`` the underlying exception.
 """
 from __future__ import annotations

@@ -19,7 +19,7 @@ identically (Qdrant's score = n2 * s_T); the re-rank recomputes s_T exactly anyw
 
 qdrant_client is imported lazily: the engine imports (and two-stage search with the faiss
 stage runs) without it.  Any failure to reach Qdrant, or a collection that does not match the
-gallery, raises :class:`~engine.errors.GalleryError` with a sentence saying which.
+gallery, raises :class:`~filip_engine.errors.GalleryError` with a sentence saying which.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 
 from .errors import FilipError, GalleryError
-from .gallery import Gallery
+from filip_contract.gallery_reader import Gallery
 
 T = TypeVar("T")
 
@@ -71,7 +71,7 @@ def connect(*, path: str | None = None, url: str | None = None, **kwargs: Any):
 
 
 class QdrantStage:
-    """A :class:`~engine.search.CandidateStage` answered by a Qdrant collection of the gallery.
+    """A :class:`~filip_engine.search.CandidateStage` answered by a Qdrant collection of the gallery.
 
     ``QdrantStage(client, collection, gallery)`` attaches to a collection built before (by
     :meth:`build`), checking that it matches the gallery; ``QdrantStage.build(gallery, ...)``

@@ -7,8 +7,8 @@
 - :class:`TritonModelRuntime`: another model of the same Triton server, called from a Python
   backend model (BLS), e.g. a front end forwarding to ``filip_text_trt``.
 
-Inputs are checked against the tower's :class:`~engine.io_spec.TowerSpec` by default, so a
-wrong dtype or shape raises :class:`~engine.errors.InvalidInputError` naming the input
+Inputs are checked against the tower's :class:`~filip_engine.io_spec.TowerSpec` by default, so a
+wrong dtype or shape raises :class:`~filip_engine.errors.InvalidInputError` naming the input
 instead of a backend error.  Each runtime is a context manager that releases its resources.
 """
 from __future__ import annotations
@@ -17,12 +17,17 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from .errors import ExportError
 from .io_spec import TowerSpec
-from .model import FilipModel
+
+if TYPE_CHECKING:     # torch is imported only by the runtimes that use it (a served ONNX Runtime model never does)
+    import torch
+
+    from .model import FilipModel
 
 
 class Runtime:
@@ -48,7 +53,9 @@ class Runtime:
 
 
 class TorchRuntime(Runtime):
-    def __init__(self, model: FilipModel, spec: TowerSpec, device: str | torch.device = "cpu"):
+    def __init__(self, model: "FilipModel", spec: TowerSpec, device: "str | torch.device" = "cpu"):
+        import torch
+
         if device == "auto":   # CUDA when present (the validation references stay on the CPU default)
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = model.eval().to(device)
@@ -56,15 +63,18 @@ class TorchRuntime(Runtime):
         self.device = torch.device(device)
         self.name = f"torch-{self.device.type}"
 
-    @torch.inference_mode()
     def _infer(self, feeds):
+        import torch
+
         args = [torch.from_numpy(np.ascontiguousarray(feeds[n])).to(self.device) for n in self.spec.input_names]
         fn = self.model.encode_image if self.spec.name == "image" else self.model.encode_text
-        outs = fn(*args)
+        with torch.inference_mode():
+            outs = fn(*args)
         return {n: o.float().cpu().numpy() for n, o in zip(self.spec.output_names, outs)}
 
     def close(self) -> None:
         if self.device.type == "cuda":
+            import torch
             torch.cuda.empty_cache()
 
 
@@ -102,9 +112,9 @@ class OnnxRuntime(Runtime):
         self.session = None
 
 
-# TensorRT DataType names -> torch dtypes (looked up by name, so no tensorrt import is needed here)
-_TRT_TO_TORCH = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
-                 "INT64": torch.int64, "INT8": torch.int8, "UINT8": torch.uint8, "BOOL": torch.bool}
+# TensorRT DataType names -> torch dtype names (looked up by name, so no tensorrt import is needed here)
+_TRT_TO_TORCH = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32",
+                 "INT64": "int64", "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
 
 
 class TensorRTRuntime(Runtime):
@@ -114,7 +124,9 @@ class TensorRTRuntime(Runtime):
     I/O dtypes (e.g. int64 ids -> int32 if the engine declares int32); outputs come back as
     float32 numpy arrays like the other runtimes."""
 
-    def __init__(self, path: str | Path, spec: TowerSpec, *, device: int | str | torch.device = 0):
+    def __init__(self, path: str | Path, spec: TowerSpec, *, device: "int | str | torch.device" = 0):
+        import torch
+
         try:
             import tensorrt as trt
         except ImportError as e:
@@ -143,10 +155,12 @@ class TensorRTRuntime(Runtime):
         if sorted(got_in) != sorted(spec.input_names) or sorted(got_out) != sorted(spec.output_names):
             raise ExportError(f"{path}: engine I/O {got_in} -> {got_out} does not match the {spec.name} "
                               f"tower's declared {spec.input_names} -> {spec.output_names}")
-        self.dtypes = {n: _TRT_TO_TORCH[self.engine.get_tensor_dtype(n).name] for n in names}
+        self.dtypes = {n: getattr(torch, _TRT_TO_TORCH[self.engine.get_tensor_dtype(n).name]) for n in names}
         self.name = f"tensorrt-{trt.__version__}"
 
     def _infer(self, feeds):
+        import torch
+
         with torch.cuda.device(self.device), torch.inference_mode():
             inputs = {}
             for n in self.spec.input_names:
@@ -203,6 +217,7 @@ class TritonModelRuntime(Runtime):
             if t.is_cpu():
                 out[n] = np.asarray(t.as_numpy(), dtype=np.float32)
             else:   # a GPU tensor (an old stub ignored preferred_memory)
+                import torch
                 out[n] = torch.from_dlpack(t.to_dlpack()).float().cpu().numpy()
         return out
 

@@ -1,19 +1,20 @@
-"""Server-side batch handlers: what the Triton Python-backend models call.
+"""Server-side batch handlers: what the Triton Python-backend models (:mod:`filip_engine.adapters`) call.
 
 Triton's dynamic batcher hands a Python model several requests at once.  These functions
 take the requests' decoded inputs, validate each request on its own, run every valid item
 through the tower in one stacked batch, and split the outputs back per request.  A bad
-request yields an :class:`~engine.errors.InvalidInputError` in its slot and never disturbs
-the others.  They are plain functions so they are unit-tested without a server.
+request yields its error (an :class:`~filip_engine.errors.InvalidInputError` for bad input) in
+its slot and never disturbs the others.  They are plain functions so they are unit-tested without a server.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from filip_contract.limits import ServingLimits
 
 from .artifacts import read_manifest
 from .errors import FilipError, InvalidInputError, TextInputError
@@ -24,30 +25,6 @@ from .runtime import Runtime, open_tower_runtime
 from .tokenizer import ClipTokenizer
 
 Result = dict[str, np.ndarray] | FilipError
-
-
-@dataclass(frozen=True)
-class ServingLimits:
-    """Per-request limits enforced on the server (documented in the README)."""
-    max_items_per_request: int = 256     # texts or images in one request
-    max_text_chars: int = 2_000          # characters per text (CLIP truncates at 77 tokens anyway)
-    max_image_bytes: int = 16 * 1024 * 1024
-    max_image_pixels: int = 40_000_000   # declared width x height, checked before decoding
-    max_score_items: int = 100_000       # image x text pairs per scoring request
-
-    PARAM_PREFIX = "limit_"
-
-    def to_params(self) -> dict[str, str]:
-        """As Triton config parameters (``limit_<name>``), so the server enforces them and a
-        client can read and echo them before sending."""
-        return {self.PARAM_PREFIX + k: str(v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_params(cls, params: dict[str, str]) -> "ServingLimits":
-        known = {f.name for f in fields(cls)}
-        values = {k[len(cls.PARAM_PREFIX):]: int(v) for k, v in params.items()
-                  if k.startswith(cls.PARAM_PREFIX) and k[len(cls.PARAM_PREFIX):] in known}
-        return cls(**values)
 
 
 def _split_run(runtime: Runtime, feeds: dict[str, np.ndarray], counts: list[int], max_batch: int) -> list[dict[str, np.ndarray]]:
@@ -254,16 +231,26 @@ class ImageEndpoint:
         return embed_image_requests(self.transform, self.runtime, requests, self.limits, self.max_batch)
 
 
+def _cuda_visible() -> bool:
+    if not Path("/dev/nvidiactl").exists():
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 class ScoreEndpoint:
     """filip_score: late interaction between given embeddings (ALIGNMENT only when requested)."""
 
     def __init__(self, version_dir: Path | None = None, params: dict[str, str] | None = None):
         self.limits = ServingLimits.from_params(params or {})
-        # "auto": the GPU when torch sees one (unverified on a GPU so far: docs/GPU.md), else the CPU
+        # "auto": the GPU when torch sees one (docs/GPU.md), else the CPU; torch is imported
+        # only where an NVIDIA driver is present, so a CPU server's scorer never loads it
         wanted = (params or {}).get("device", "auto")
         if wanted == "auto":
-            import torch
-            wanted = "cuda" if torch.cuda.is_available() else "cpu"
+            wanted = "cuda" if _cuda_visible() else "cpu"
         self.device = wanted
 
     def __call__(self, requests: Sequence[tuple[dict[str, np.ndarray | None], Sequence[str]]]) -> list[Result]:
@@ -274,19 +261,3 @@ class ScoreEndpoint:
                 res = {k: v for k, v in res.items() if k in wanted}
             results.append(res)
         return results
-
-
-def to_triton_responses(pb_utils, results: Sequence[Result]) -> list:
-    """One InferenceResponse per request: outputs, or an INVALID_ARG error for a bad request.
-
-    ``pb_utils`` (Triton's ``triton_python_backend_utils``) is passed in because it only
-    exists inside the Python-backend stub.
-    """
-    responses = []
-    for res in results:
-        if isinstance(res, Exception):
-            err = pb_utils.TritonError(str(res), pb_utils.TritonError.INVALID_ARG)
-            responses.append(pb_utils.InferenceResponse(output_tensors=[], error=err))
-        else:
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in res.items()]))
-    return responses

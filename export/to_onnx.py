@@ -1,7 +1,7 @@
 """Export each FILIP tower to ONNX and validate it against PyTorch on ONNX Runtime.
 
-Names, dtypes and dynamic axes come from :mod:`engine.io_spec`; every numerics check goes
-through :func:`engine.compare.compare_outputs`.  The exporter is torch's ``torch.export``
+Names, dtypes and dynamic axes come from :mod:`filip_engine.io_spec`; every numerics check goes
+through :func:`filip_engine.compare.compare_outputs`.  The exporter is torch's ``torch.export``
 based one (opset 18+, so LayerNormalization stays a single op), with a dynamic batch and,
 for the text tower, a dynamic sequence length.
 """
@@ -18,12 +18,12 @@ import numpy as np
 import onnx
 import torch
 
-from engine.compare import CompareResult, compare_outputs
-from engine.config import FilipConfig
-from engine.errors import ExportError
-from engine.io_spec import FP32_TOLERANCE, Dim, Tolerance, TowerSpec, tower_spec
-from engine.model import FilipModel, ImageTower, TextTower
-from engine.runtime import OnnxRuntime, TorchRuntime
+from filip_engine.compare import CompareResult, compare_outputs
+from filip_engine.config import FilipConfig
+from filip_engine.errors import ExportError
+from filip_engine.io_spec import FP32_TOLERANCE, Dim, Tolerance, TowerSpec, tower_spec
+from filip_engine.model import FilipModel, ImageTower, TextTower
+from filip_engine.runtime import OnnxRuntime, TorchRuntime
 
 # torch 2.13's exporter implements opset 18 and newer (LayerNormalization, one op since 17,
 # stays one op); asking it for 17 makes it try, and fail, to down-convert.
@@ -32,7 +32,7 @@ MIN_OPSET = 18
 _EXTERNAL_DATA_BYTES = 1_500_000_000  # protobuf's 2 GB limit, with margin
 
 
-def _example_inputs(cfg: FilipConfig, spec: TowerSpec, batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
+def example_inputs(cfg: FilipConfig, spec: TowerSpec, batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
     """Random inputs of the declared shapes: normalised-pixel-like images, or token rows
     [SOT, random ids..., EOT] with random lengths (the longest row filling ``seq``)."""
     rng = np.random.default_rng(seed)
@@ -60,7 +60,7 @@ def export_tower(model: FilipModel, tower: str, path: str | Path, *, opset: int 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = (ImageTower if tower == "image" else TextTower)(model.eval())
-    example = _example_inputs(cfg, spec, batch=2, seq=min(cfg.text.context_length, 7), seed=0)
+    example = example_inputs(cfg, spec, batch=2, seq=min(cfg.text.context_length, 7), seed=0)
     args = tuple(torch.from_numpy(example[n]) for n in spec.input_names)
     dims: dict[str, torch.export.Dim] = {}
     dynamic_shapes = {
@@ -132,7 +132,7 @@ def validate_tower(model: FilipModel, onnx_path: str | Path, tower: str, *,
                                                        intra_op_threads=intra_op_threads) as cand:
         for b in batch_sizes:
             for s in seq_lens:
-                feeds = _example_inputs(cfg, spec, b, s, seed + 1000 * b + s)
+                feeds = example_inputs(cfg, spec, b, s, seed + 1000 * b + s)
                 label = f"{tower} batch={b}" + (f" seq={s}" if tower == "text" else "")
                 results.append(compare_outputs(ref.infer(feeds), cand.infer(feeds), tolerance, label))
     return results

@@ -15,16 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from engine.artifacts import write_manifest  # noqa: E402
-from engine.checkpoint import load_checkpoint  # noqa: E402
-from engine.errors import FilipError, ValidationError  # noqa: E402
-from engine.pipeline import load_tokenizer  # noqa: E402
-from engine.serving import ServingLimits  # noqa: E402
-from export.to_onnx import DEFAULT_OPSET, MIN_OPSET, export_tower, validate_tower  # noqa: E402
-from export.triton_repo import TRT_MODELS, RepoSettings, TensorRTPlans, version_dir, write_repository  # noqa: E402
+from filip_contract.limits import ServingLimits
+from filip_engine.artifacts import write_manifest
+from filip_engine.checkpoint import load_checkpoint
+from filip_engine.errors import FilipError, ValidationError
+from filip_engine.pipeline import load_tokenizer
+from filip_export.to_onnx import DEFAULT_OPSET, MIN_OPSET, export_tower, validate_tower
+from filip_export.triton_repo import TRT_MODELS, RepoSettings, TensorRTPlans, version_dir, write_repository
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +98,7 @@ def _run(args) -> int:
             raise FilipError(f"--runtime tensorrt was requested but {trt_why}; use --runtime onnxruntime or auto")
     use_trt = trt_ok and args.runtime != "onnxruntime"
     if use_trt:
-        from export.trt import build_flags, import_tensorrt
+        from filip_export.trt import build_flags, import_tensorrt
         try:   # fail before the slow steps when this TensorRT cannot build this precision
             build_flags(args.precision, import_tensorrt().__version__)
         except FilipError as e:
@@ -121,7 +118,7 @@ def _run(args) -> int:
     text_dir, image_dir = version_dir(out, "filip_text"), version_dir(out, "filip_image")
     tok.save(text_dir / "tokenizer.json")
     for d in (text_dir, image_dir, version_dir(out, "filip_score")):
-        write_manifest(d, cfg, logit_scale=ckpt.model.similarity_scale(), layout=ckpt.layout, source=str(ckpt.path),
+        write_manifest(d, cfg, logit_scale=ckpt.model.similarity_scale(), layout=ckpt.layout, source=ckpt.path.name,
                        extra={"opset": args.opset, "max_batch": args.max_batch})
     print(f"[2/5] tokenizer from {source}: {tok.vocab_size} entries, SOT={tok.sot_token_id} EOT={tok.eot_token_id} "
           f"-> {text_dir / 'tokenizer.json'}")
@@ -162,8 +159,8 @@ def _build_tensorrt(args, ckpt, paths) -> TensorRTPlans:
     """Build both towers' plans into the tensorrt_plan models' version folders, validate them
     against PyTorch (ValidationError -> exit 1; failed plans are removed so that no later start
     serves them) and return what the repository's configs need."""
-    from engine.io_spec import tower_spec
-    from export.trt import (DEFAULT_TIMING_CACHE, build_engine, checkpoint_fingerprint, detect_environment,
+    from filip_engine.io_spec import tower_spec
+    from filip_export.trt import (DEFAULT_TIMING_CACHE, build_engine, checkpoint_fingerprint, detect_environment,
                             plan_filename, plans_in, raise_if_gates_failed, sidecar_path, validate_engines)
     env = detect_environment()
     cc = env["compute_capability"]

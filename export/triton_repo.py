@@ -1,7 +1,7 @@
 """Write a complete, servable Triton model repository.
 
-Models (all Python backend; the adapters are the tracked files
-``triton_models/<model>/1/model.py``, thin wrappers over ``engine.serving``):
+Models (all Python backend, declared in :mod:`filip_contract.models`; each ``model.py`` imports
+its class from :mod:`filip_engine.adapters`, thin wrappers over ``filip_engine.serving``):
 
 - ``filip_text``  : TEXT (UTF-8 bytes) -> TOKENS, LENGTHS, POOLED; tokenises on the server and
                     runs the text tower (ONNX Runtime).
@@ -11,24 +11,28 @@ Models (all Python backend; the adapters are the tracked files
 - ``filip_search``: TEXT queries (embedded through filip_text) -> top-k IDS, SCORES, METADATA
                     over a pre-computed gallery; RELOAD swaps in a gallery (engine/search.py).
 
-Each call of the client is one request to one of these models.  ``config.pbtxt`` is
-generated from the checkpoint's config (dimensions), with dynamic batching, instance
-counts and queue delays from :class:`RepoSettings`.  The encoders' ONNX files, the
+Each call of the client is one request to one of these models.  ``config.pbtxt`` is built
+as a ``model_config_pb2.ModelConfig`` from the contract's declarations and the checkpoint's
+sizes, with dynamic batching, instance counts and queue delays from :class:`RepoSettings`,
+and printed with protobuf's text format.  The encoders' ONNX files, the
 tokenizer and the manifest are written into the model's version folder, so the server
 needs nothing else.
 """
 from __future__ import annotations
 
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.config import FilipConfig
-from engine.serving import ServingLimits
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 
-ADAPTERS = Path(__file__).resolve().parent.parent / "triton_models"
-MODELS = ("filip_text", "filip_image", "filip_score", "filip_search")
+from filip_contract import models as M
+from filip_contract.limits import ServingLimits
+from filip_engine.config import FilipConfig
+from filip_engine.io_spec import TensorSpec, TowerSpec, tower_spec
+
+MODELS = tuple(M.MODELS)
 
 
 @dataclass(frozen=True)
@@ -53,89 +57,96 @@ class RepoSettings:
     qdrant_url: str = ""                     # or qdrant (a Qdrant server at qdrant_url, collection = gallery name)
 
 
-def _tensor(name: str, dtype: str, dims: list[int], optional: bool = False) -> str:
-    opt = " optional: true" if optional else ""
-    return f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(map(str, dims))} ]{opt} }}'
+# KServe datatypes (the contract) and numpy dtype names (io_spec) -> Triton config types
+_KSERVE_TYPES = {"FP32": mc.TYPE_FP32, "FP16": mc.TYPE_FP16, "INT32": mc.TYPE_INT32, "INT64": mc.TYPE_INT64,
+                 "BYTES": mc.TYPE_STRING}
+_NUMPY_TYPES = {"float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int64": mc.TYPE_INT64, "int32": mc.TYPE_INT32}
 
 
-def _config(name: str, *, max_batch: int, inputs: list[str], outputs: list[str], instances: int,
-            queue_delay_us: int | None, params: dict[str, str], warmup: str | None = None,
-            queue: RepoSettings | None = None) -> str:
-    lines = [f'name: "{name}"', 'backend: "python"', f"max_batch_size: {max_batch}"]
-    policy = ""
-    if queue is not None:
-        policy = (f" default_queue_policy {{ timeout_action: REJECT default_timeout_microseconds: {queue.queue_timeout_us}"
-                  f" allow_timeout_override: true max_queue_size: {queue.max_queue_size} }}")
-    if queue_delay_us is not None and max_batch > 0:
-        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us}{policy} }}")
-    lines.append("input [\n" + ",\n".join(inputs) + "\n]")
-    lines.append("output [\n" + ",\n".join(outputs) + "\n]")
-    lines.append(f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]")
+def config_text(config: mc.ModelConfig) -> str:
+    """A config as ``config.pbtxt`` text (protobuf text format: quoting and escaping by protobuf)."""
+    return text_format.MessageToString(config)
+
+
+def parse_config(text: str) -> mc.ModelConfig:
+    return text_format.Parse(text, mc.ModelConfig())
+
+
+def _served_model(model: M.Model, sizes: dict[str, int], *, max_batch: int, instances: int,
+                  params: dict[str, str]) -> mc.ModelConfig:
+    """A Python-backend model's config from its declaration in the contract."""
+    c = mc.ModelConfig(name=model.name, backend="python", max_batch_size=max_batch if model.batched else 0)
+    for t in model.inputs:
+        c.input.add(name=t.name, data_type=_KSERVE_TYPES[t.datatype], dims=t.resolve(sizes), optional=t.optional)
+    for t in model.outputs:
+        c.output.add(name=t.name, data_type=_KSERVE_TYPES[t.datatype], dims=t.resolve(sizes))
+    c.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_CPU)
     for k, v in params.items():
-        lines.append(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}')
-    if warmup:
-        lines.append(warmup)
-    return "\n".join(lines) + "\n"
+        c.parameters[k].string_value = str(v)
+    return c
+
+
+def _dynamic_batching(c: mc.ModelConfig, s: RepoSettings) -> None:
+    """Dynamic batching with the settings' delay and the bounded queue (refuse when full,
+    drop after the timeout)."""
+    c.dynamic_batching.max_queue_delay_microseconds = s.queue_delay_us
+    policy = c.dynamic_batching.default_queue_policy
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.default_timeout_microseconds = s.queue_timeout_us
+    policy.allow_timeout_override = True
+    policy.max_queue_size = s.max_queue_size
 
 
 # Triton's model_warmup runs these at load, before the model reports ready, so the first user
 # request does not pay for ONNX Runtime's first-run allocations.  A BYTES input is read from a
 # file in the model's warmup/ folder: each element a 4-byte little-endian length + the bytes.
 WARMUP_TEXT = b"a photo of a cat"
+WARMUP_FILE = "text"
 
 
-def _warmup(input_block: str) -> str:
-    return f'model_warmup [ {{ name: "warmup" batch_size: 1 inputs {{ {input_block} }} }} ]'
+def _warmup(c: mc.ModelConfig, tensor: M.Tensor, sizes: dict[str, int]) -> None:
+    w = c.model_warmup.add(name="warmup", batch_size=1)
+    inp = w.inputs[tensor.name]
+    inp.data_type = _KSERVE_TYPES[tensor.datatype]
+    inp.dims.extend(tensor.resolve(sizes))
+    if tensor.datatype == "BYTES":
+        inp.input_data_file = WARMUP_FILE
+    else:
+        inp.zero_data = True
 
 
+def model_configs(cfg: FilipConfig, s: RepoSettings, logit_scale: float) -> dict[str, mc.ModelConfig]:
+    """Each served model's config, from the contract's declarations, the checkpoint's sizes
+    and the settings."""
+    sizes = {"D": cfg.token_dim, "E": cfg.embed_dim, "S": cfg.vision.image_size, "P": cfg.vision.num_patches}
+    limits = s.limits.to_params()
+    encoder = {**limits, "intra_op_threads": s.intra_op_threads, "max_batch": s.max_batch}
+    text = _served_model(M.TEXT, sizes, max_batch=s.max_batch, instances=s.text_instances, params=encoder)
+    image = _served_model(M.IMAGE, sizes, max_batch=s.max_batch, instances=s.image_instances, params=encoder)
+    for c in (text, image):
+        _dynamic_batching(c, s)
+    _warmup(text, M.TEXT.input("TEXT"), sizes)
+    _warmup(image, M.IMAGE.input("PIXEL_VALUES"), sizes)
+    score = _served_model(M.SCORE, sizes, max_batch=0, instances=s.score_instances,
+                          params={**limits, "logit_scale": repr(float(logit_scale))})
+    # One instance: it holds the gallery and RELOAD must reach the instance that serves; its
+    # exact scan already uses every core (filip_engine.search).
+    search = _served_model(M.SEARCH, sizes, max_batch=0, instances=1,
+                           params={**limits, "text_max_batch": s.max_batch, "gallery_root": s.gallery_root,
+                                   "gallery": s.gallery, "gallery_verify": s.gallery_verify,
+                                   "first_stage": s.first_stage, "qdrant_url": s.qdrant_url})
+    return {c.name: c for c in (text, image, score, search)}
 
-def model_configs(cfg: FilipConfig, s: RepoSettings, logit_scale: float) -> dict[str, str]:
-    """config.pbtxt text per model, from the model config and the settings."""
-    d, e = cfg.token_dim, cfg.embed_dim
-    size, p = cfg.vision.image_size, cfg.vision.num_patches
-    root = {"project_root": str(ADAPTERS.parent), **s.limits.to_params()}   # + where model.py finds the engine
-    common = {**root, "intra_op_threads": str(s.intra_op_threads), "max_batch": str(s.max_batch)}
-    embed_out = lambda t: [_tensor("TOKENS", "TYPE_FP32", [t, d]), _tensor("LENGTHS", "TYPE_INT32", [1]),  # noqa: E731
-                           _tensor("POOLED", "TYPE_FP32", [e])]
-    return {
-        "filip_text": _config("filip_text", max_batch=s.max_batch, instances=s.text_instances,
-                              queue_delay_us=s.queue_delay_us, params=common, queue=s,
-                              warmup=_warmup('key: "TEXT" value: { data_type: TYPE_STRING dims: [ 1 ] input_data_file: "text" }'),
-                              inputs=[_tensor("TEXT", "TYPE_STRING", [1])], outputs=embed_out(-1)),
-        "filip_image": _config("filip_image", max_batch=s.max_batch, instances=s.image_instances,
-                               queue_delay_us=s.queue_delay_us, params=common, queue=s,
-                               warmup=_warmup(f'key: "PIXEL_VALUES" value: {{ data_type: TYPE_FP32 dims: [ 3, {size}, {size} ] zero_data: true }}'),
-                               inputs=[_tensor("IMAGE", "TYPE_STRING", [1], optional=True),
-                                       _tensor("PIXEL_VALUES", "TYPE_FP32", [3, size, size], optional=True)],
-                               outputs=embed_out(p)),
-        "filip_score": _config("filip_score", max_batch=0, instances=s.score_instances, queue_delay_us=None,
-                               params={**root, "logit_scale": repr(float(logit_scale))},
-                               inputs=[_tensor("IMAGE_TOKENS", "TYPE_FP32", [-1, -1, d]),
-                                       _tensor("IMAGE_LENGTHS", "TYPE_INT32", [-1]),
-                                       _tensor("TEXT_TOKENS", "TYPE_FP32", [-1, -1, d]),
-                                       _tensor("TEXT_LENGTHS", "TYPE_INT32", [-1])],
-                               outputs=[_tensor("S_I", "TYPE_FP32", [-1, -1]), _tensor("S_T", "TYPE_FP32", [-1, -1]),
-                                        _tensor("ALIGNMENT", "TYPE_INT32", [-1, -1, -1])]),
-        # One instance: it holds the gallery (memory-mapped) and RELOAD must reach the instance
-        # that serves; its exact scan already uses every core (engine/search.py).
-        "filip_search": _config("filip_search", max_batch=0, instances=1, queue_delay_us=None,
-                                params={**root, "text_max_batch": str(s.max_batch), "gallery_root": s.gallery_root,
-                                        "gallery": s.gallery, "gallery_verify": s.gallery_verify,
-                                        "first_stage": s.first_stage, "qdrant_url": s.qdrant_url},
-                                inputs=[_tensor("TEXT", "TYPE_STRING", [-1], optional=True),
-                                        _tensor("K", "TYPE_INT32", [1], optional=True),
-                                        _tensor("MODE", "TYPE_STRING", [1], optional=True),
-                                        _tensor("CANDIDATES", "TYPE_INT32", [1], optional=True),
-                                        _tensor("ALLOWED_IDS", "TYPE_STRING", [-1], optional=True),
-                                        _tensor("RELOAD", "TYPE_STRING", [1], optional=True)],
-                                outputs=[_tensor("IDS", "TYPE_STRING", [-1, -1]), _tensor("SCORES", "TYPE_FP32", [-1, -1]),
-                                         _tensor("METADATA", "TYPE_STRING", [-1, -1]), _tensor("INFO", "TYPE_STRING", [1])]),
-    }
+
+def adapter_source(model: M.Model) -> str:
+    """The ``model.py`` of a served model: one import of its class from the installed engine."""
+    return (f'"""{model.name}: {model.doc}.\n\nThe Triton Python-backend model is '
+            f'filip_engine.adapters.{model.adapter}."""\n'
+            f"from filip_engine.adapters import {model.adapter} as TritonPythonModel  # noqa: F401\n")
 
 
 # --- TensorRT (GPU): the encoders' plans served as tensorrt_plan models (docs/GPU.md) -----------
 TRT_MODELS = {"text": "filip_text_trt", "image": "filip_image_trt"}
-_TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
 
 
 @dataclass(frozen=True)
@@ -146,37 +157,43 @@ class TensorRTPlans:
     default: dict
 
 
-def _trt_tensor(t) -> str:
+def _trt_tensor(io, t: TensorSpec) -> None:
     """A tensor of an io_spec TowerSpec as a batched tensorrt_plan config entry."""
     dims = [d if isinstance(d, int) else -1 for d in t.shape[1:]]
-    if not dims:   # [batch] in the engine: Triton's documented form is dims [1] reshaped to []
-        return f'  {{ name: "{t.name}" data_type: {_TRITON_DTYPES[t.dtype]} dims: [ 1 ] reshape: {{ shape: [ ] }} }}'
-    return _tensor(t.name, _TRITON_DTYPES[t.dtype], dims)
+    entry = io.add(name=t.name, data_type=_NUMPY_TYPES[t.dtype])
+    if dims:
+        entry.dims.extend(dims)
+    else:   # [batch] in the engine: Triton's documented form is dims [1] reshaped to []
+        entry.dims.append(1)
+        entry.reshape.SetInParent()
 
 
-def tensorrt_config(name: str, spec, s: RepoSettings, files: dict, default: str, instances: int = 1) -> str:
-    """config.pbtxt of a tensorrt_plan model: one plan per GPU architecture through
+def tensorrt_config(name: str, spec: TowerSpec, s: RepoSettings, files: dict, default: str,
+                    instances: int = 1) -> mc.ModelConfig:
+    """Config of a tensorrt_plan model: one plan per GPU architecture through
     ``cc_model_filenames``, dynamic batching like the front ends, instances on the GPU."""
-    lines = [f'name: "{name}"', 'platform: "tensorrt_plan"', f"max_batch_size: {s.max_batch}",
-             f'default_model_filename: "{default}"']
-    lines += [f'cc_model_filenames {{ key: "{cc}" value: "{f}" }}' for cc, f in sorted(files.items())]
-    lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {s.queue_delay_us} default_queue_policy {{ "
-                 f"timeout_action: REJECT default_timeout_microseconds: {s.queue_timeout_us} allow_timeout_override: true "
-                 f"max_queue_size: {s.max_queue_size} }} }}")
-    lines.append("input [\n" + ",\n".join(_trt_tensor(t) for t in spec.inputs) + "\n]")
-    lines.append("output [\n" + ",\n".join(_trt_tensor(t) for t in spec.outputs) + "\n]")
-    lines.append(f"instance_group [ {{ count: {instances} kind: KIND_GPU }} ]")
-    return "\n".join(lines) + "\n"
+    c = mc.ModelConfig(name=name, platform="tensorrt_plan", max_batch_size=s.max_batch, default_model_filename=default)
+    for cc, f in sorted(files.items()):
+        c.cc_model_filenames[cc] = f
+    _dynamic_batching(c, s)
+    for t in spec.inputs:
+        _trt_tensor(c.input, t)
+    for t in spec.outputs:
+        _trt_tensor(c.output, t)
+    c.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_GPU)
+    return c
 
 
-def tensorrt_configs(cfg: FilipConfig, s: RepoSettings, plans: TensorRTPlans, configs: dict[str, str]) -> dict[str, str]:
-    """The tensorrt_plan models' configs, and the front ends' configs with a ``trt_model``
-    parameter naming the model they forward to (the CPU path's configs are not touched)."""
-    from engine.io_spec import tower_spec
+def tensorrt_configs(cfg: FilipConfig, s: RepoSettings, plans: TensorRTPlans,
+                     configs: dict[str, mc.ModelConfig]) -> dict[str, mc.ModelConfig]:
+    """The tensorrt_plan models' configs, and copies of the front ends' configs with a
+    ``trt_model`` parameter naming the model they forward to (``configs`` is not touched)."""
     out = {}
     for tower, model in TRT_MODELS.items():
-        front = f"filip_{tower}"
-        out[front] = configs[front] + f'parameters {{ key: "trt_model" value: {{ string_value: "{model}" }} }}\n'
+        front = mc.ModelConfig()
+        front.CopyFrom(configs[f"filip_{tower}"])
+        front.parameters["trt_model"].string_value = model
+        out[front.name] = front
         out[model] = tensorrt_config(model, tower_spec(cfg, tower, s.max_batch), s, plans.files[tower], plans.default[tower])
     return out
 
@@ -191,24 +208,22 @@ def version_dir(out: Path, model: str) -> Path:
 
 def write_repository(out: Path, cfg: FilipConfig, *, logit_scale: float,
                      settings: RepoSettings = RepoSettings(), tensorrt: TensorRTPlans | None = None) -> list[Path]:
-    """Write each model's ``config.pbtxt`` and its ``1/model.py`` adapter (copied from this
-    project's ``triton_models/`` unless ``out`` is that folder).  The artifacts must already
-    be in place (see :func:`version_dir`).  With ``tensorrt``, also the tensorrt_plan models."""
+    """Write each model's ``config.pbtxt`` and its ``1/model.py`` (:func:`adapter_source`).  The
+    artifacts must already be in place (see :func:`version_dir`).  With ``tensorrt``, also the
+    tensorrt_plan models.  Nothing written names a path of this machine."""
     written = []
     configs = model_configs(cfg, settings, logit_scale)
     if tensorrt is not None:
         configs.update(tensorrt_configs(cfg, settings, tensorrt, configs))
-    for name, text in configs.items():
+    for name, config in configs.items():
         version = version_dir(out, name)
-        (Path(out) / name / "config.pbtxt").write_text(text)
-        if name in TRT_MODELS.values():   # platform tensorrt_plan: the plan is the model, no adapter
-            written.append(Path(out) / name)
-            continue
-        if name == "filip_text":
-            (Path(out) / name / "warmup").mkdir(exist_ok=True)
-            (Path(out) / name / "warmup" / "text").write_bytes(struct.pack("<I", len(WARMUP_TEXT)) + WARMUP_TEXT)
-        src = ADAPTERS / name / "1" / "model.py"
-        if src.resolve() != (version / "model.py").resolve():
-            shutil.copyfile(src, version / "model.py")
+        (Path(out) / name / "config.pbtxt").write_text(config_text(config))
         written.append(Path(out) / name)
+        if name in TRT_MODELS.values():   # platform tensorrt_plan: the plan is the model, no adapter
+            continue
+        if any(i.input_data_file for w in config.model_warmup for i in w.inputs.values()):
+            warm = Path(out) / name / "warmup"
+            warm.mkdir(exist_ok=True)
+            (warm / WARMUP_FILE).write_bytes(struct.pack("<I", len(WARMUP_TEXT)) + WARMUP_TEXT)
+        (version / "model.py").write_text(adapter_source(M.MODELS[name]))
     return written

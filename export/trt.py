@@ -18,7 +18,7 @@ LayerNormalization/Softmax kept in fp32) that this exporter does not write.
 
 Command line (used by docker/entrypoint.sh)::
 
-    python -m export.trt check REPO [--precision P] [--max-batch N] [--checkpoint F]
+    python -m filip_export.trt check REPO [--precision P] [--max-batch N] [--checkpoint F]
 
 exits 0 when every tower's plan in REPO matches this GPU's compute capability and this
 TensorRT version (per its JSON sidecar), 3 when the engines must be (re)built, 2 when no
@@ -38,10 +38,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from engine.compare import CompareResult, compare_outputs
-from engine.errors import ExportError, ValidationError
-from engine.io_spec import Tolerance, TowerSpec, tower_spec
-from export.triton_repo import TRT_MODELS  # Triton model per tower
+from filip_engine.compare import CompareResult, compare_outputs
+from filip_engine.errors import ExportError, ValidationError
+from filip_engine.io_spec import Tolerance, TowerSpec, tower_spec
+from filip_export.triton_repo import TRT_MODELS  # Triton model per tower
 
 # --- gates ----------------------------------------------------------------------------------
 # Per-token cosine is the gate of the issue; max_abs is generous because tokens are unit
@@ -424,12 +424,12 @@ def validate_engines(model, plans: Mapping[str, str | Path], *, precision: str, 
                      batch_sizes: Sequence[int] = (1, 2, 5), seed: int = 0,
                      n_images: int = 64, n_queries: int = 16) -> tuple[list[CompareResult], RankingResult | None]:
     """Each tower's plan vs the PyTorch model (fp32, CPU: the exact reference) on random
-    inputs, through :func:`engine.compare.compare_outputs`; for fp16 also the s_T top-10
+    inputs, through :func:`filip_engine.compare.compare_outputs`; for fp16 also the s_T top-10
     ranking of ``n_images`` random images for ``n_queries`` random text queries.  Does not
     raise: pass the results to :func:`raise_if_gates_failed`."""
-    from engine.interaction import late_interaction
-    from engine.runtime import TensorRTRuntime, TorchRuntime
-    from export.to_onnx import _example_inputs
+    from filip_engine.interaction import late_interaction
+    from filip_engine.runtime import TensorRTRuntime, TorchRuntime
+    from filip_export.to_onnx import example_inputs
 
     cfg = model.config
     tol = engine_tolerance(precision)
@@ -444,7 +444,7 @@ def validate_engines(model, plans: Mapping[str, str | Path], *, precision: str, 
             seqs = tuple(sorted({2, min(16, ctx), ctx})) if tower == "text" else (0,)
             for b in sorted({min(b, max_batch) for b in (*batch_sizes, max_batch)}):
                 for s in seqs:
-                    feeds = _example_inputs(cfg, spec, b, s, seed + 1000 * b + s)
+                    feeds = example_inputs(cfg, spec, b, s, seed + 1000 * b + s)
                     label = f"TensorRT {precision} {tower} batch={b}" + (f" seq={s}" if tower == "text" else "")
                     results.append(compare_outputs(ref.infer(feeds), cand.infer(feeds), tol, label))
         ranking = None
@@ -454,8 +454,8 @@ def validate_engines(model, plans: Mapping[str, str | Path], *, precision: str, 
                 n = len(next(iter(feeds.values())))
                 parts = [rt.infer({k: v[i:i + max_batch] for k, v in feeds.items()})["tokens"] for i in range(0, n, max_batch)]
                 return np.concatenate(parts)
-            img = _example_inputs(cfg, tower_spec(cfg, "image", max_batch), n_images, 0, seed + 7)
-            txt = _example_inputs(cfg, tower_spec(cfg, "text", max_batch), n_queries,
+            img = example_inputs(cfg, tower_spec(cfg, "image", max_batch), n_images, 0, seed + 7)
+            txt = example_inputs(cfg, tower_spec(cfg, "text", max_batch), n_queries,
                                   min(OPT_SEQ, cfg.text.context_length), seed + 8)
             il = np.full(n_images, cfg.vision.num_patches, np.int64)
             s_ref = late_interaction(run("image", img, 0), il, run("text", txt, 0), txt["lengths"]).s_t
@@ -469,7 +469,7 @@ def validate_engines(model, plans: Mapping[str, str | Path], *, precision: str, 
 
 # --- command line (the Docker entrypoint) ---------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.trt", description="TensorRT plan checks")
+    p = argparse.ArgumentParser(prog="python -m filip_export.trt", description="TensorRT plan checks")
     sub = p.add_subparsers(dest="cmd", required=True)
     chk = sub.add_parser("check", help="exit 0 when REPO's plans fit this GPU and TensorRT, 3 when they must be built")
     chk.add_argument("repo", type=Path)

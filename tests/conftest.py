@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.checkpoint import random_model, save_checkpoint
+from filip_engine.checkpoint import random_model, save_checkpoint
 
 
 def pytest_collection_modifyitems(config, items):
@@ -18,7 +18,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def clip_merges_text() -> str:
-    from engine.tokenizer import ClipTokenizer, find_clip_merges_file
+    from filip_engine.tokenizer import ClipTokenizer, find_clip_merges_file
     return ClipTokenizer.from_file(find_clip_merges_file()).merges_text
 
 

@@ -1,7 +1,7 @@
 """Independent test references: CLIP's forward written the way OpenAI's and DeCLIP's code
 computes it (sequence-first layout, ``nn.MultiheadAttention`` with an additive -inf causal
 mask, ``ln_post`` on CLS, EOT found by ``argmax`` of the ids), sharing no code with
-``engine.model``.  Their ``state_dict()`` keys are the real layouts' keys, so tests build
+``filip_engine.model``.  Their ``state_dict()`` keys are the real layouts' keys, so tests build
 checkpoints in those layouts from them.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from client.bench import LatencyStats, is_stable, main as bench_main, server_split
+from tools.bench import LatencyStats, is_stable, main as bench_main, server_split
 
 
 def test_percentiles_on_known_samples():
@@ -44,7 +44,7 @@ def test_server_split_from_statistics():
 
 
 def test_smoke_against_a_real_server(tiny_checkpoint, tmp_path, capsys):
-    from export.to_trt import main as export_main
+    from filip_export.to_trt import main as export_main
     repo = tmp_path / "repo"
     assert export_main([str(tiny_checkpoint), "--out", str(repo)]) == 0
     out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.checkpoint import load_checkpoint, random_model, save_checkpoint
-from engine.config import PRESETS, FilipConfig
-from engine.errors import CheckpointError
+from filip_engine.checkpoint import load_checkpoint, random_model, save_checkpoint
+from filip_engine.config import PRESETS, FilipConfig
+from filip_engine.errors import CheckpointError
 from tests.reference_clip import RefCLIP, RefDeclipFilip, random_token_rows
 
 ATOL = 2e-5  # fp32, two independent implementations of the same math

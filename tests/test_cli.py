@@ -33,7 +33,7 @@ def test_export_cli_tiny(tiny_checkpoint, tmp_path):
 
 
 def test_checkpoint_init_cli(tmp_path):
-    r = run("-m", "engine.checkpoint", "init", "--preset", "tiny", "--out", str(tmp_path / "t.pt"), "--seed", "3")
+    r = run("-m", "filip_engine.checkpoint", "init", "--preset", "tiny", "--out", str(tmp_path / "t.pt"), "--seed", "3")
     assert r.returncode == 0, r.stderr
     obj = torch.load(tmp_path / "t.pt", weights_only=True)
     assert obj["format"] == "filip-engine" and obj["vocab"].startswith("#version")

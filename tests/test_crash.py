@@ -9,9 +9,9 @@ import time
 
 import numpy as np
 
-from client import FilipClient
-from client.launch import TritonServer
-from export.to_trt import main as export_main
+from filip_client import FilipClient
+from filip_export.launch import TritonServer
+from filip_export.to_trt import main as export_main
 
 
 def _stub_pid(repo, model: str) -> int:
@@ -33,7 +33,7 @@ def test_killed_stub_is_detected_by_the_deep_check(tiny_checkpoint, tmp_path):
     # a dead stub cannot unload: without a short exit timeout Triton waits 30 s on shutdown
     with TritonServer(repo, extra=["--exit-timeout-secs=3"]) as server, FilipClient(server.url, timeout=10) as c:
         assert c.health(deep=True).ok
-        probe = [sys.executable, "-m", "client.health", "--url", server.url, "--deep"]
+        probe = [sys.executable, "-m", "filip_client.health", "--url", server.url, "--deep"]
         assert subprocess.run(probe, capture_output=True, text=True).returncode == 0
         os.kill(_stub_pid(repo, "filip_text"), signal.SIGKILL)
         time.sleep(1.0)

@@ -8,13 +8,13 @@ import numpy as np
 import onnx
 import pytest
 
-from engine.checkpoint import random_model
-from engine.compare import compare_outputs
-from engine.config import PRESETS
-from engine.errors import InvalidInputError, ValidationError
-from engine.io_spec import FP32_TOLERANCE, Tolerance, tower_spec
-from engine.runtime import OnnxRuntime, TorchRuntime
-from export.to_onnx import export_tower, validate_tower
+from filip_engine.checkpoint import random_model
+from filip_engine.compare import compare_outputs
+from filip_engine.config import PRESETS
+from filip_engine.errors import InvalidInputError, ValidationError
+from filip_engine.io_spec import FP32_TOLERANCE, Tolerance, tower_spec
+from filip_engine.runtime import OnnxRuntime, TorchRuntime
+from filip_export.to_onnx import export_tower, validate_tower
 
 
 @pytest.fixture(scope="module", params=["shared", "dense"])

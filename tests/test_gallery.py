@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.gallery import MANIFEST, GalleryWriteError, GalleryWriter, gallery_bytes, quantize_int8
-from client.gallery_synth import SyntheticSpec, synthesize
-from engine.errors import GalleryError
-from engine.gallery import Gallery
+from filip_contract.gallery import MANIFEST, GalleryError, GalleryWriteError, gallery_bytes
+from filip_contract.gallery_writer import GalleryWriter, quantize_int8
+from tools.gallery_synth import SyntheticSpec, synthesize
+from filip_contract.gallery_reader import Gallery
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -159,7 +159,7 @@ def test_no_gallery_is_a_clear_error(tmp_path):
 KILL_SCRIPT = """
 import sys
 sys.path.insert(0, {root!r})
-from client.gallery_synth import SyntheticSpec, synthesize
+from tools.gallery_synth import SyntheticSpec, synthesize
 synthesize({path!r}, 4000, segment=200, spec=SyntheticSpec(dim=32, tokens=9, topics=20, words=64, seed=3), progress=True)
 """
 

@@ -8,10 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from client import AsyncFilipClient, FilipClient, FilipInvalidInputError, FilipOverloadedError
-from client._protocol import backoff
-from client.launch import TritonServer
-from export.to_trt import main as export_main
+from filip_client import AsyncFilipClient, FilipClient, FilipInvalidInputError, FilipOverloadedError
+from filip_client._protocol import backoff
+from filip_export.launch import TritonServer
+from filip_export.to_trt import main as export_main
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.compare import compare_outputs
-from engine.errors import InvalidInputError, TextInputError
-from engine.interaction import build_prompts
-from engine.io_spec import FP32_TOLERANCE
-from engine.pipeline import FilipPipeline
-from export.to_trt import main as export_main
+from filip_engine.compare import compare_outputs
+from filip_engine.errors import InvalidInputError, TextInputError
+from filip_engine.interaction import build_prompts
+from filip_engine.io_spec import FP32_TOLERANCE
+from filip_engine.pipeline import FilipPipeline
+from filip_export.to_trt import main as export_main
 
 TEXTS = ["a photo of a cat", "two dogs playing in the snow, 4k", "!", "中文 caption with émojis 🐱🐶",
          "word " * 100]

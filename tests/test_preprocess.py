@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-import engine.preprocess as pp
-from engine.errors import ImageDecodeError, InvalidInputError
-from engine.preprocess import CLIP_MEAN, CLIP_STD, ImageTransform, load_image
+import filip_engine.preprocess as pp
+from filip_engine.errors import ImageDecodeError, InvalidInputError
+from filip_engine.preprocess import CLIP_MEAN, CLIP_STD, ImageTransform, load_image
 
 SIZES = (32, 224, 336)
 ORIENTATION = 0x0112

@@ -16,11 +16,11 @@ import pytest
 qdrant_client = pytest.importorskip("qdrant_client", reason="qdrant-client is not installed (pip install qdrant-client)")
 from qdrant_client import QdrantClient, models  # noqa: E402
 
-from client.gallery_synth import SyntheticSpec, load_queries, synthesize  # noqa: E402
-from engine.errors import GalleryError  # noqa: E402
-from engine.gallery import Gallery  # noqa: E402
-from engine.qdrant_store import QdrantStage  # noqa: E402
-from engine.search import Queries, Searcher  # noqa: E402
+from tools.gallery_synth import SyntheticSpec, load_queries, synthesize  # noqa: E402
+from filip_engine.errors import GalleryError  # noqa: E402
+from filip_contract.gallery_reader import Gallery  # noqa: E402
+from filip_engine.qdrant_store import QdrantStage  # noqa: E402
+from filip_engine.search import Queries, Searcher  # noqa: E402
 
 SPEC = dict(dim=64, tokens=12, topics=40, words=300, words_per_topic=12, seed=11)
 N_ITEMS = 1500
@@ -178,8 +178,8 @@ def test_build_resumes_after_a_failed_upload(gallery, tmp_path, monkeypatch):
 
 def test_engine_imports_without_qdrant_client():
     code = ("import sys; sys.modules['qdrant_client'] = None\n"
-            "import engine.search, engine.qdrant_store\n"
-            "from engine.errors import GalleryError\n"
+            "import filip_engine.search, engine.qdrant_store\n"
+            "from filip_engine.errors import GalleryError\n"
             "try:\n    engine.qdrant_store.connect()\nexcept GalleryError as e:\n    print('refused:', e)\n")
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root)

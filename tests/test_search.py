@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from client.gallery import GalleryWriter
-from client.gallery_synth import SyntheticSpec, load_queries, synthesize
-from engine.errors import GalleryError, InvalidInputError
-from engine.gallery import Gallery
-from engine.search import Queries, Searcher, SearchEndpoint, exact_scores
+from filip_contract.gallery_writer import GalleryWriter
+from tools.gallery_synth import SyntheticSpec, load_queries, synthesize
+from filip_engine.errors import GalleryError, InvalidInputError
+from filip_contract.gallery_reader import Gallery
+from filip_engine.search import Queries, Searcher, SearchEndpoint, exact_scores
 
 SPEC = dict(dim=64, tokens=12, topics=40, words=300, words_per_topic=12, seed=7)
 
@@ -90,7 +90,7 @@ def test_two_stage_recall_is_measured(gallery):
 
 
 def test_ivf_first_stage_recall_and_filter(gallery):
-    from engine.search import CentroidStage
+    from filip_engine.search import CentroidStage
     qt, ql, _ = load_queries(gallery.path)
     q = Queries.from_tokens(qt, ql)
     exact = Searcher(gallery).search(q, 10)

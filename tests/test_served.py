@@ -12,13 +12,13 @@ import pytest
 import tritonclient.grpc as grpc
 from PIL import Image
 
-from client import (AsyncFilipClient, Embeddings, FilipClient, FilipInvalidInputError, FilipServerError)
-from engine.compare import compare_outputs
-from engine.interaction_ref import s_i_ref, s_t_ref
-from engine.io_spec import Tolerance
-from engine.pipeline import FilipPipeline
-from export.to_trt import main as export_main
-from client.launch import TritonServer
+from filip_client import (AsyncFilipClient, Embeddings, FilipClient, FilipInvalidInputError, FilipServerError)
+from filip_engine.compare import compare_outputs
+from filip_engine.interaction_ref import s_i_ref, s_t_ref
+from filip_engine.io_spec import Tolerance
+from filip_engine.pipeline import FilipPipeline
+from filip_export.to_trt import main as export_main
+from filip_export.launch import TritonServer
 
 SERVED = Tolerance(max_abs=1e-4, min_cosine=0.9999)
 TEXTS = ["a photo of a cat", "two dogs playing in the snow", "!", "中文 caption 🐱", "word " * 100,

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client import AsyncFilipClient, FilipClient, FilipInvalidInputError
-from client.indexing import main as index_main
-from client.launch import TritonServer
-from export.to_trt import main as export_main
+from filip_client import AsyncFilipClient, FilipClient, FilipInvalidInputError, FilipServerError
+from filip_client.indexing import main as index_main
+from filip_export.launch import TritonServer
+from filip_export.to_trt import main as export_main
 
 
 def brute_force_s_t(img_tokens: np.ndarray, q_tokens: np.ndarray, q_len: int) -> np.ndarray:
@@ -39,8 +39,9 @@ def setup(tiny_checkpoint, tmp_path_factory):
 def test_search_before_any_gallery_is_a_clear_error(setup):
     server, _, _ = setup
     with FilipClient(server.url) as c:
-        with pytest.raises(FilipInvalidInputError, match="no gallery is loaded"):
+        with pytest.raises(FilipServerError, match="no gallery is loaded") as e:   # the server's state, not the caller's
             c.search(["a cat"])
+        assert not isinstance(e.value, FilipInvalidInputError) and "INTERNAL" in str(e.value.status)
         assert c.health().models["filip_search"] and c.health(deep=True).ok
         status = c.gallery_info()
         assert status["name"] is None and "no gallery at" in status["load_error"]
@@ -104,8 +105,9 @@ def test_corrupt_gallery_refused_and_previous_kept(setup):
         b = bytearray(seg.read_bytes())
         b[-1] ^= 0x01
         seg.write_bytes(bytes(b))
-        with pytest.raises(FilipInvalidInputError, match="checksum mismatch"):
+        with pytest.raises(FilipServerError, match="checksum mismatch") as e:      # a corrupt gallery: server state
             c.reload_gallery("second")
+        assert "INTERNAL" in str(e.value.status)
         with pytest.raises(FilipInvalidInputError, match="plain folder name"):
             c.reload_gallery("../galleries")
         assert c.search(["a photo of a cat"], k=3) == before          # still the first gallery

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.errors import ImageDecodeError, InvalidInputError, TextInputError
-from engine.interaction_ref import alignment_ref, s_i_ref, s_t_ref
-from engine.pipeline import FilipPipeline
-from engine.serving import (ServingLimits, embed_image_requests, embed_text_requests, score_request)
+from filip_engine.errors import ImageDecodeError, InvalidInputError, TextInputError
+from filip_engine.interaction_ref import alignment_ref, s_i_ref, s_t_ref
+from filip_engine.pipeline import FilipPipeline
+from filip_engine.serving import (ServingLimits, embed_image_requests, embed_text_requests, score_request)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_text_requests_chunked_equals_whole(pipe):
 
 
 def test_text_limits():
-    from engine.serving import decode_texts
+    from filip_engine.serving import decode_texts
     with pytest.raises(TextInputError, match="limit is 2"):
         decode_texts(_texts("a", "b", "c"), ServingLimits(max_items_per_request=2))
     with pytest.raises(TextInputError, match="no texts"):
@@ -118,15 +118,16 @@ def test_score_request_errors(change, match):
 def test_endpoints_from_triton_args(tiny_checkpoint, tmp_path, pipe):
     """What each model.py does in initialize/execute, without a server."""
     import json
-    from engine.serving import ImageEndpoint, ScoreEndpoint, TextEndpoint, triton_context
-    from export.to_trt import main as export_main
+    from filip_engine.serving import ImageEndpoint, ScoreEndpoint, TextEndpoint, triton_context
+    from filip_export.to_trt import main as export_main
+    from filip_export.triton_repo import parse_config
     repo = tmp_path / "repo"
     assert export_main([str(tiny_checkpoint), "--out", str(repo)]) == 0
 
-    def args(model):
-        cfg = (repo / model / "config.pbtxt").read_text()
-        params = dict(__import__("re").findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', cfg))
-        return {"model_config": json.dumps({"parameters": {k: {"string_value": v} for k, v in params.items()}}),
+    def args(model):   # what Triton hands initialize(): the parsed config as JSON
+        from google.protobuf import json_format
+        cfg = parse_config((repo / model / "config.pbtxt").read_text())
+        return {"model_config": json.dumps(json_format.MessageToDict(cfg, preserving_proto_field_name=True)),
                 "model_repository": str(repo / model), "model_version": "1"}
 
     text = TextEndpoint(*triton_context(args("filip_text")))

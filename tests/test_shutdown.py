@@ -11,9 +11,9 @@ import time
 import numpy as np
 from PIL import Image
 
-from client import FilipClient
-from client.launch import TritonServer
-from export.to_trt import main as export_main
+from filip_client import FilipClient
+from filip_export.launch import TritonServer
+from filip_export.to_trt import main as export_main
 
 
 def test_in_flight_requests_complete_on_shutdown(tiny_checkpoint, tmp_path):

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 
-from client.launch import TritonServer
-from client.soak import main as soak_main, memory_grows, process_tree_rss, run_soak
-from export.to_trt import main as export_main
+from filip_export.launch import TritonServer
+from tools.soak import main as soak_main, memory_grows, process_tree_rss, run_soak
+from filip_export.to_trt import main as export_main
 
 
 def test_memory_growth_rule():

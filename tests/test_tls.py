@@ -7,9 +7,9 @@ import subprocess
 
 import pytest
 
-from client import FilipClient, FilipConnectionError
-from client.launch import TritonServer
-from export.to_trt import main as export_main
+from filip_client import FilipClient, FilipConnectionError
+from filip_export.launch import TritonServer
+from filip_export.to_trt import main as export_main
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
 

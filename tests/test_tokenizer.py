@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from engine.errors import TextInputError, TokenizerError
-from engine.tokenizer import ClipTokenizer, find_clip_merges_file
+from filip_engine.errors import TextInputError, TokenizerError
+from filip_engine.tokenizer import ClipTokenizer, find_clip_merges_file
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def test_allow_empty(tok):
 
 
 def test_finding_the_merges_file_imports_nothing():
-    code = ("import sys; from engine.tokenizer import find_clip_merges_file; p = find_clip_merges_file(); "
+    code = ("import sys; from filip_engine.tokenizer import find_clip_merges_file; p = find_clip_merges_file(); "
             "assert p.is_file(); assert 'open_clip' not in sys.modules; print(p)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tritonclient.grpc import model_config_pb2 as mc
 
-from engine.compare import compare_outputs
-from engine.config import PRESETS
-from engine.errors import ExportError, ValidationError
-from engine.io_spec import tower_spec
-from export import trt as T
-from export.triton_repo import RepoSettings, TensorRTPlans, model_configs, tensorrt_config, tensorrt_configs, write_repository
+from filip_engine.compare import compare_outputs
+from filip_engine.config import PRESETS
+from filip_engine.errors import ExportError, ValidationError
+from filip_engine.io_spec import tower_spec
+from filip_export import trt as T
+from filip_export.triton_repo import (RepoSettings, TensorRTPlans, config_text, model_configs, parse_config, tensorrt_config,
+                                     tensorrt_configs, write_repository)
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = PRESETS["ViT-B-32"]
@@ -157,35 +159,44 @@ def test_plans_in_lists_every_architecture(tmp_path):
 
 
 # --- tensorrt_plan configs --------------------------------------------------------------------
+def _io(entries) -> dict:
+    return {e.name: (mc.DataType.Name(e.data_type), list(e.dims), e.HasField("reshape") and list(e.reshape.shape))
+            for e in entries}
+
+
 def test_tensorrt_config_text():
     s = RepoSettings(max_batch=64)
-    text = tensorrt_config("filip_text_trt", tower_spec(CFG, "text", 64), s,
-                           {"9.0": "model.sm90.plan", "8.0": "model.sm80.plan"}, "model.sm90.plan")
-    lines = text.splitlines()
-    assert lines[:4] == ['name: "filip_text_trt"', 'platform: "tensorrt_plan"', "max_batch_size: 64",
-                         'default_model_filename: "model.sm90.plan"']
-    assert 'cc_model_filenames { key: "8.0" value: "model.sm80.plan" }' in lines
-    assert 'cc_model_filenames { key: "9.0" value: "model.sm90.plan" }' in lines
-    assert '{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] }' in text
-    assert '{ name: "lengths" data_type: TYPE_INT64 dims: [ 1 ] reshape: { shape: [ ] } }' in text
-    assert '{ name: "tokens" data_type: TYPE_FP32 dims: [ -1, 256 ] }' in text
-    assert '{ name: "pooled" data_type: TYPE_FP32 dims: [ 256 ] }' in text
-    assert "kind: KIND_GPU" in text and "max_queue_delay_microseconds: 500" in text and "backend:" not in text
+    config = tensorrt_config("filip_text_trt", tower_spec(CFG, "text", 64), s,
+                             {"9.0": "model.sm90.plan", "8.0": "model.sm80.plan"}, "model.sm90.plan")
+    text = config_text(config)
+    c = parse_config(text)                                   # the written text parses back to the same config
+    assert c == config
+    assert (c.name, c.platform, c.max_batch_size, c.default_model_filename) == (
+        "filip_text_trt", "tensorrt_plan", 64, "model.sm90.plan")
+    assert dict(c.cc_model_filenames) == {"8.0": "model.sm80.plan", "9.0": "model.sm90.plan"}
+    assert _io(c.input) == {"input_ids": ("TYPE_INT64", [-1], False), "lengths": ("TYPE_INT64", [1], [])}
+    assert _io(c.output) == {"tokens": ("TYPE_FP32", [-1, 256], False), "pooled": ("TYPE_FP32", [256], False)}
+    assert [g.kind for g in c.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+    assert c.dynamic_batching.max_queue_delay_microseconds == 500 and not c.backend
     image = tensorrt_config("filip_image_trt", tower_spec(CFG, "image", 64), s, {"9.0": "model.sm90.plan"}, "model.sm90.plan")
-    assert '{ name: "pixel_values" data_type: TYPE_FP32 dims: [ 3, 224, 224 ] }' in image
-    assert '{ name: "tokens" data_type: TYPE_FP32 dims: [ 49, 256 ] }' in image
+    assert _io(image.input) == {"pixel_values": ("TYPE_FP32", [3, 224, 224], False)}
+    assert _io(image.output)["tokens"] == ("TYPE_FP32", [49, 256], False)
 
 
 def test_tensorrt_configs_only_add_to_the_cpu_configs():
     s = RepoSettings()
     base = model_configs(CFG, s, 100.0)
+    before = {k: config_text(v) for k, v in base.items()}
     plans = TensorRTPlans(files={"text": {"9.0": "model.sm90.plan"}, "image": {"9.0": "model.sm90.plan"}},
                           default={"text": "model.sm90.plan", "image": "model.sm90.plan"})
     extra = tensorrt_configs(CFG, s, plans, base)
     assert set(extra) == {"filip_text", "filip_image", "filip_text_trt", "filip_image_trt"}
     for front, model in (("filip_text", "filip_text_trt"), ("filip_image", "filip_image_trt")):
-        assert extra[front] == base[front] + f'parameters {{ key: "trt_model" value: {{ string_value: "{model}" }} }}\n'
-    assert base == model_configs(CFG, s, 100.0)   # not mutated
+        expected = mc.ModelConfig()
+        expected.CopyFrom(base[front])
+        expected.parameters["trt_model"].string_value = model
+        assert extra[front] == expected
+    assert {k: config_text(v) for k, v in base.items()} == before   # not mutated
 
 
 def test_write_repository_cpu_path_unchanged_and_trt_models(tmp_path):
@@ -194,15 +205,15 @@ def test_write_repository_cpu_path_unchanged_and_trt_models(tmp_path):
     cpu, gpu = tmp_path / "cpu", tmp_path / "gpu"
     names = [p.name for p in write_repository(cpu, CFG, logit_scale=100.0)]
     assert not any(n.endswith("_trt") for n in names)
-    for name, text in model_configs(CFG, RepoSettings(), 100.0).items():
-        assert (cpu / name / "config.pbtxt").read_text() == text
+    for name, config in model_configs(CFG, RepoSettings(), 100.0).items():
+        assert (cpu / name / "config.pbtxt").read_text() == config_text(config)
     plans = TensorRTPlans(files={"text": {"9.0": "model.sm90.plan"}, "image": {"9.0": "model.sm90.plan"}},
                           default={"text": "model.sm90.plan", "image": "model.sm90.plan"})
     names = [p.name for p in write_repository(gpu, CFG, logit_scale=100.0, tensorrt=plans)]
     assert names[-2:] == ["filip_text_trt", "filip_image_trt"]
-    assert 'platform: "tensorrt_plan"' in (gpu / "filip_text_trt" / "config.pbtxt").read_text()
+    assert parse_config((gpu / "filip_text_trt" / "config.pbtxt").read_text()).platform == "tensorrt_plan"
     assert not (gpu / "filip_text_trt" / "1" / "model.py").exists()
-    assert "trt_model" in (gpu / "filip_text" / "config.pbtxt").read_text()
+    assert parse_config((gpu / "filip_text" / "config.pbtxt").read_text()).parameters["trt_model"].string_value == "filip_text_trt"
     assert (gpu / "filip_score" / "config.pbtxt").read_text() == (cpu / "filip_score" / "config.pbtxt").read_text()
 
 
@@ -244,13 +255,13 @@ def test_gates_pass_and_fail_loudly():
 
 # --- without TensorRT / GPU -------------------------------------------------------------------
 def test_runtime_module_imports_without_tensorrt():
-    r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['tensorrt'] = None; import engine.runtime as r; "
+    r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['tensorrt'] = None; import filip_engine.runtime as r; "
                         "print(r.TensorRTRuntime.__name__)"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and "TensorRTRuntime" in r.stdout, r.stderr
 
 
 def test_tensorrt_runtime_fails_with_one_clear_error(tmp_path):
-    from engine.runtime import TensorRTRuntime
+    from filip_engine.runtime import TensorRTRuntime
     if _has_tensorrt() and __import__("torch").cuda.is_available():
         pytest.skip("TensorRT and a GPU are present: covered by the gpu tests")
     with pytest.raises(ExportError, match="TensorRT is not installed|no CUDA device"):
@@ -266,7 +277,7 @@ def test_check_cli_without_gpu_or_tensorrt(tmp_path):
 
 def test_triton_model_runtime_with_a_fake_stub():
     """The BLS runtime a front end would use to forward to filip_*_trt (no server needed)."""
-    from engine.runtime import TritonModelRuntime
+    from filip_engine.runtime import TritonModelRuntime
 
     class Tensor:
         def __init__(self, name, a):
@@ -306,8 +317,8 @@ def test_triton_model_runtime_with_a_fake_stub():
 def test_gpu_check_script_skips_without_cuda():
     import torch
     if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA: scripts/gpu_check.py runs for real there")
-    r = subprocess.run([sys.executable, "scripts/gpu_check.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        pytest.skip("this machine has CUDA: tools/gpu_check.py runs for real there")
+    r = subprocess.run([sys.executable, "tools/gpu_check.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1 and "skipped" in r.stdout, r.stdout + r.stderr
 
 
@@ -324,8 +335,8 @@ def test_entrypoint_scripts_are_valid_bash():
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_trt_engine_parity(tiny_checkpoint, tmp_path, precision):
     import tensorrt
-    from engine.checkpoint import load_checkpoint
-    from export.to_onnx import export_tower
+    from filip_engine.checkpoint import load_checkpoint
+    from filip_export.to_onnx import export_tower
     if precision == "fp16" and T.trt_major(tensorrt.__version__) >= 11:
         pytest.skip(f"fp16 needs TensorRT 10.x (weak typing); this is {tensorrt.__version__}")
     model = load_checkpoint(tiny_checkpoint).model

@@ -1,10 +1,10 @@
 """Indexing images into a gallery through the server (shared by FilipClient and AsyncFilipClient),
 and its command line:
 
-    python -m client.indexing --url localhost:8001 --gallery galleries/photos photos/ [--reload photos]
+    python -m filip_client.indexing --url localhost:8001 --gallery galleries/photos photos/ [--reload photos]
 
 Images are embedded by the served filip_image model and written with
-:class:`client.gallery.GalleryWriter` in commits of ``commit_every`` items.  A run that is
+:class:`filip_contract.gallery_writer.GalleryWriter` in commits of ``commit_every`` items.  A run that is
 killed loses nothing it had committed; running it again skips the ids already in the
 gallery.  A bad image (corrupt, missing, too large) is reported in the result and skipped;
 the others are indexed.
@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from . import _protocol as P
 from .errors import FilipError, FilipInvalidInputError
-from .gallery import GalleryWriter
+from filip_contract.gallery_writer import GalleryWriter
 from .types import Embeddings, IndexReport
 
 
@@ -90,7 +90,7 @@ def index_images(embed: Callable[[list], Embeddings], images: Sequence[P.ImageLi
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m client.indexing", description="Embed images through the server into a gallery.")
+    p = argparse.ArgumentParser(prog="python -m filip_client.indexing", description="Embed images through the server into a gallery.")
     p.add_argument("images", nargs="+", help="image files, or one folder (searched recursively)")
     p.add_argument("--gallery", required=True, type=Path, help="gallery folder (created, or resumed if it exists)")
     p.add_argument("--url", default="localhost:8001", help="Triton gRPC address (default localhost:8001)")

@@ -1,15 +1,15 @@
 """One-GPU smoke check, sized for about 5 minutes on one GPU:
 
-1. writes a random ViT-B-32-size checkpoint (``python -m engine.checkpoint init``);
+1. writes a random ViT-B-32-size checkpoint (``python -m filip_engine.checkpoint init``);
 2. exports it with ``export/to_trt.py --runtime auto`` (ONNX, ONNX Runtime gates, and TensorRT
    plans + their gates when TensorRT is installed);
 3. in-process parity against the fp32 CPU PyTorch reference through
-   ``engine.compare.compare_outputs`` and latency: PyTorch CUDA, ONNX Runtime (CUDA provider
+   ``filip_engine.compare.compare_outputs`` and latency: PyTorch CUDA, ONNX Runtime (CUDA provider
    when onnxruntime-gpu is installed), TensorRT (when plans were built);
-4. serves the repository with Triton (``client.launch.TritonServer``) and times
+4. serves the repository with Triton (``filip_export.launch.TritonServer``) and times
    ``FilipClient.embed_texts`` / ``embed_images`` end to end.
 
-    python scripts/gpu_check.py [--workdir DIR] [--precision fp32|fp16]
+    python tools/gpu_check.py [--workdir DIR] [--precision fp32|fp16]
 
 On a machine without CUDA it prints one line saying why it skipped and exits 0.  Exit 1 when
 a parity gate fails or a stage errors (the figures printed up to there stay).
@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 BUDGET_S = 290.0
 
 
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ckpt = work / "vit_b32_random.pt"
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "engine.checkpoint", "init", "--preset", "ViT-B-32", "--out", str(ckpt)],
+    subprocess.run([sys.executable, "-m", "filip_engine.checkpoint", "init", "--preset", "ViT-B-32", "--out", str(ckpt)],
                    cwd=ROOT, check=True)
     print(f"[1/4] checkpoint {ckpt} ({time.perf_counter() - t:.1f} s)", flush=True)
 
@@ -74,13 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     if r.returncode != 0:
         return 1
 
-    from engine.checkpoint import load_checkpoint
-    from engine.compare import compare_outputs
-    from engine.io_spec import Tolerance, tower_spec
-    from engine.runtime import OnnxRuntime, TensorRTRuntime, TorchRuntime
-    from export.to_onnx import _example_inputs
-    from export.trt import engine_tolerance, plans_in
-    from export.triton_repo import TRT_MODELS
+    from filip_engine.checkpoint import load_checkpoint
+    from filip_engine.compare import compare_outputs
+    from filip_engine.io_spec import Tolerance, tower_spec
+    from filip_engine.runtime import OnnxRuntime, TensorRTRuntime, TorchRuntime
+    from filip_export.to_onnx import example_inputs
+    from filip_export.trt import engine_tolerance, plans_in
+    from filip_export.triton_repo import TRT_MODELS
 
     model = load_checkpoint(ckpt).model
     cfg = model.config
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"      {tower}: {failed[-1]}")
         with TorchRuntime(model, spec) as ref:
             for batch in (1, 16):
-                feeds = _example_inputs(cfg, spec, batch, min(16, cfg.text.context_length), seed=batch)
+                feeds = example_inputs(cfg, spec, batch, min(16, cfg.text.context_length), seed=batch)
                 want = ref.infer(feeds)
                 for name, rt, tol in candidates:
                     res = compare_outputs(want, rt.infer(feeds), tol, f"{tower} {name} batch={batch}")
@@ -121,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         print("[4/4] Triton: skipped (" + ("--no-serve" if args.no_serve else "time budget") + ")")
     else:
         import numpy as np
-        from client import FilipClient
-        from client.launch import TritonServer
+        from filip_client import FilipClient
+        from filip_export.launch import TritonServer
         t = time.perf_counter()
         try:
             with TritonServer(repo, ready_timeout=150) as server, FilipClient(server.url) as client:

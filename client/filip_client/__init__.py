@@ -1,13 +1,13 @@
 """gRPC client library for the served FILIP models (needs only tritonclient[grpc], numpy, Pillow).
 
-    from client import FilipClient            # AsyncFilipClient: same methods, awaitable
+    from filip_client import FilipClient            # AsyncFilipClient: same methods, awaitable
 """
 from .aio import AsyncFilipClient
 from .errors import (FilipConnectionError, FilipError, FilipInvalidInputError, FilipOverloadedError,
                      FilipServerError, FilipTimeoutError)
 from .sync import FilipClient
 from .types import Embeddings, Health, Hit, IndexReport
-from ._protocol import DEFAULT_TEMPLATES
+from filip_contract.prompts import DEFAULT_TEMPLATES
 
 __all__ = ["FilipClient", "AsyncFilipClient", "Embeddings", "Health", "Hit", "IndexReport", "DEFAULT_TEMPLATES", "FilipError",
            "FilipConnectionError", "FilipTimeoutError", "FilipInvalidInputError", "FilipServerError",

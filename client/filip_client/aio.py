@@ -1,4 +1,4 @@
-"""AsyncFilipClient: the asyncio twin of :class:`client.FilipClient` (same methods and
+"""AsyncFilipClient: the asyncio twin of :class:`filip_client.FilipClient` (same methods and
 keyword-only arguments, awaitable), on ``tritonclient.grpc.aio``."""
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class AsyncFilipClient:
     async def _spans(self, model: str, n: int, batch_size: int) -> list[tuple[int, int]]:
         P.chunks(n, batch_size)
         cfg = await self._config(model)
-        cap = min(int(cfg.get("max_batch_size", 0)) or batch_size, P.served_limits(cfg)["max_items_per_request"])
+        cap = min(int(cfg.get("max_batch_size", 0)) or batch_size, P.served_limits(cfg).max_items_per_request)
         return P.chunks(n, min(batch_size, cap))
 
     async def _map(self, fn: Callable[[int, int], Awaitable[Embeddings]], spans, progress: bool, desc: str) -> list:
@@ -81,7 +81,7 @@ class AsyncFilipClient:
 
     async def embed_texts(self, texts: Sequence[str], *, batch_size: int = 32, timeout: float | None = None,
                           progress: bool = False) -> Embeddings:
-        texts = P.check_texts(texts, P.served_limits(await self._config(P.TEXT_MODEL))["max_text_chars"])
+        texts = P.check_texts(texts, P.served_limits(await self._config(P.TEXT_MODEL)).max_text_chars)
 
         async def one(a: int, b: int) -> Embeddings:
             res = await self._call(P.TEXT_MODEL, P.text_inputs(grpc, texts[a:b]), P.EMBED_OUTPUTS, timeout, f"texts {a}..{b - 1}")
@@ -92,7 +92,7 @@ class AsyncFilipClient:
     async def embed_images(self, images: Sequence[P.ImageLike], *, batch_size: int = 16, timeout: float | None = None,
                            progress: bool = False) -> Embeddings:
         images = P.check_images(images)
-        max_bytes = P.served_limits(await self._config(P.IMAGE_MODEL))["max_image_bytes"]
+        max_bytes = P.served_limits(await self._config(P.IMAGE_MODEL)).max_image_bytes
         blobs = [P.encode_image(im, i, max_bytes) for i, im in enumerate(images)]
 
         async def one(a: int, b: int) -> Embeddings:
@@ -130,11 +130,11 @@ class AsyncFilipClient:
 
     async def search(self, texts: Sequence[str], *, k: int = 10, mode: str = "exact", candidates: int | None = None,
                      allowed_ids: Sequence[str] | None = None, timeout: float | None = None) -> list[list[Hit]]:
-        texts = P.check_texts(texts, P.served_limits(await self._config(P.TEXT_MODEL))["max_text_chars"])
+        texts = P.check_texts(texts, P.served_limits(await self._config(P.TEXT_MODEL)).max_text_chars)
         if allowed_ids is not None and len(allowed_ids) == 0:
             return [[] for _ in texts]
         out: list[list[Hit]] = []
-        for a, b in P.chunks(len(texts), P.MAX_QUERIES):
+        for a, b in P.chunks(len(texts), P.L.MAX_QUERIES):
             res = await self._call(P.SEARCH_MODEL, P.search_inputs(grpc, texts[a:b], k, mode, candidates, allowed_ids),
                                    P.SEARCH_OUTPUTS, timeout, f"search texts {a}..{b - 1}")
             hits, self.last_search_info = P.parse_hits(res)

@@ -72,14 +72,14 @@ class FilipClient:
                 raise from_triton(e, f"model config of {model}") from e
         return self._configs[model]
 
-    def _limits(self, model: str) -> dict[str, int]:
+    def _limits(self, model: str) -> P.ServingLimits:
         return P.served_limits(self._config(model))
 
     def _spans(self, model: str, n: int, batch_size: int) -> list[tuple[int, int]]:
         """Request spans of at most ``batch_size`` items and never more than the server accepts."""
         P.chunks(n, batch_size)  # validates batch_size
         cap = min(int(self._config(model).get("max_batch_size", 0)) or batch_size,
-                  self._limits(model)["max_items_per_request"])
+                  self._limits(model).max_items_per_request)
         return P.chunks(n, min(batch_size, cap))
 
     def _map(self, fn: Callable[[int, int], Embeddings], spans: list[tuple[int, int]], progress: bool, desc: str) -> list:
@@ -103,7 +103,7 @@ class FilipClient:
     # --- public API ----------------------------------------------------------------------
     def embed_texts(self, texts: Sequence[str], *, batch_size: int = 32, timeout: float | None = None,
                     progress: bool = False) -> Embeddings:
-        texts = P.check_texts(texts, self._limits(P.TEXT_MODEL)["max_text_chars"])
+        texts = P.check_texts(texts, self._limits(P.TEXT_MODEL).max_text_chars)
 
         def one(a: int, b: int) -> Embeddings:
             res = self._call(P.TEXT_MODEL, P.text_inputs(grpc, texts[a:b]), P.EMBED_OUTPUTS, timeout, f"texts {a}..{b - 1}")
@@ -114,7 +114,7 @@ class FilipClient:
     def embed_images(self, images: Sequence[P.ImageLike], *, batch_size: int = 16, timeout: float | None = None,
                      progress: bool = False) -> Embeddings:
         images = P.check_images(images)
-        max_bytes = self._limits(P.IMAGE_MODEL)["max_image_bytes"]
+        max_bytes = self._limits(P.IMAGE_MODEL).max_image_bytes
         blobs = [P.encode_image(im, i, max_bytes) for i, im in enumerate(images)]
 
         def one(a: int, b: int) -> Embeddings:
@@ -163,11 +163,11 @@ class FilipClient:
         ``mode``: "exact" (every item scored) or "two_stage" (``candidates`` items per query
         from the first stage, default 2000, re-ranked exactly); ``allowed_ids``: only these
         items.  The server's gallery and timings of the last call are in ``last_search_info``."""
-        texts = P.check_texts(texts, self._limits(P.TEXT_MODEL)["max_text_chars"])
+        texts = P.check_texts(texts, self._limits(P.TEXT_MODEL).max_text_chars)
         if allowed_ids is not None and len(allowed_ids) == 0:
             return [[] for _ in texts]
         out: list[list[Hit]] = []
-        for a, b in P.chunks(len(texts), P.MAX_QUERIES):
+        for a, b in P.chunks(len(texts), P.L.MAX_QUERIES):
             res = self._call(P.SEARCH_MODEL, P.search_inputs(grpc, texts[a:b], k, mode, candidates, allowed_ids),
                              P.SEARCH_OUTPUTS, timeout, f"search texts {a}..{b - 1}")
             hits, self.last_search_info = P.parse_hits(res)
@@ -192,7 +192,7 @@ class FilipClient:
                      token_dtype: str = "float16", batch_size: int = 16, commit_every: int = 256,
                      progress: bool = True, timeout: float | None = None) -> IndexReport:
         """Embed ``images`` (a list, or a folder searched recursively) through the server and
-        append them to the gallery folder ``gallery`` (see client.indexing; resumable)."""
+        append them to the gallery folder ``gallery`` (see filip_client.indexing; resumable)."""
         from .indexing import index_images
         return index_images(lambda items: self.embed_images(items, batch_size=batch_size, timeout=timeout),
                             images, gallery, ids=ids, metadata=metadata, token_dtype=token_dtype,

@@ -1,29 +1,8 @@
-"""Writing a FILIP gallery: the on-disk format of pre-computed image tokens (format 1).
+"""Writing a FILIP gallery (format 1: :mod:`filip_contract.gallery`, docs/GALLERY.md).
 
-A gallery is a folder that needs nothing but the filesystem::
-
-    gallery.json                      the manifest; written last, atomically (os.replace)
-    segments/seg-000000.tokens.npy    [n, P, D] float16 (default) or int8 patch tokens
-    segments/seg-000000.scales.npy    [n, P] float32 per-token scale (int8 only: x ~ q * scale)
-    segments/seg-000000.pooled.npy    [n, E] float32 pooled (CLS) embeddings
-    segments/seg-000000.centroid.npy  [n, D] float32 mean of the item's fp32 patch tokens
-    segments/seg-000000.items.jsonl   one {"id": str, "meta": {...}} per item, in row order
-    .lock                             held (flock) by the one writer
-
-The manifest (``format: "filip-gallery"``, ``version: 1``) lists the committed segments in
-row order with each file's byte size and SHA-256.  Segments are immutable.  ``add`` writes a
-whole segment (files fsynced, then renamed into place) and only then replaces the manifest,
-so a killed writer loses nothing it had committed, and files of an uncommitted segment are
-never listed; the next writer deletes them.  Readers (the server: ``engine/gallery.py``)
-see only what a manifest lists, and verify sizes and checksums before serving.
-
-The centroid is the plain mean of the item's patch tokens (before any quantisation).  For
-a query with tokens y_r, ``<centroid, mean_r y_r>`` is a lower bound of FILIP's s_T (each
-``<x_k, y_r>`` is at most ``max_k <x_k, y_r>``), which is why it is the first-stage vector
-of two-stage search.
-
-This module is numpy-only (the client needs no torch); ``engine/gallery.py`` reads the same
-format and ``tests/test_gallery.py`` checks the two against each other.
+``GalleryWriter`` appends whole segments to one gallery folder, one writer at a time
+(flock), each segment's files fsynced and renamed into place before the manifest that lists
+them replaces the old one.  Numpy only.
 """
 from __future__ import annotations
 
@@ -31,25 +10,13 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .errors import FilipInvalidInputError
-
-FORMAT = "filip-gallery"
-VERSION = 1
-MANIFEST = "gallery.json"
-SEGMENTS = "segments"
-TOKEN_DTYPES = ("float16", "int8")
-_SEGMENT_RE = re.compile(r"^seg-\d{6}\.")
-
-
-class GalleryWriteError(FilipInvalidInputError):
-    """The gallery cannot be written as asked (bad items, incompatible gallery, locked)."""
+from .gallery import FORMAT, MANIFEST, SEGMENT_FILE, SEGMENTS, TOKEN_DTYPES, VERSION, GalleryWriteError
 
 
 class _HashingFile:
@@ -102,7 +69,7 @@ class GalleryWriter:
 
     def __init__(self, path: str | os.PathLike, *, token_dtype: str = "float16", model: Mapping[str, Any] | None = None):
         if token_dtype not in TOKEN_DTYPES:
-            raise GalleryWriteError(f"token_dtype must be one of {TOKEN_DTYPES}, got {token_dtype!r}")
+            raise GalleryWriteError(f"token_dtype must be one of {tuple(TOKEN_DTYPES)}, got {token_dtype!r}")
         self.path = Path(path)
         (self.path / SEGMENTS).mkdir(parents=True, exist_ok=True)
         self._lock = open(self.path / ".lock", "a+")
@@ -154,7 +121,7 @@ class GalleryWriter:
         removed = []
         for p in (self.path / SEGMENTS).iterdir():
             name = p.name.split(".", 1)[0]
-            if _SEGMENT_RE.match(p.name) and name not in listed:
+            if SEGMENT_FILE.match(p.name) and name not in listed:
                 p.unlink()
                 removed.append(p.name)
         return removed
@@ -255,11 +222,4 @@ class GalleryWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def gallery_bytes(path: str | os.PathLike) -> int:
-    """Bytes on disk of a gallery's committed files (its manifest's sizes plus the manifest)."""
-    path = Path(path)
-    m = json.loads((path / MANIFEST).read_text())
-    return (path / MANIFEST).stat().st_size + sum(f["bytes"] for s in m["segments"] for f in s["files"].values())
 

@@ -1,8 +1,8 @@
 """Latency benchmark: sweeps of concurrency x request batch size against a running server
 (or one it starts), the same workloads in-process, percentiles, Triton's server-side split.
 
-    python -m client.bench --url localhost:8001 --repository triton_models
-    python -m client.bench --repository build/demo/triton_models --workloads image,text --concurrency 1,4,8 --batch 1,8
+    python -m tools.bench --url localhost:8001 --repository triton_models
+    python -m tools.bench --repository build/demo/triton_models --workloads image,text --concurrency 1,4,8 --batch 1,8
 
 For each (workload, concurrency, batch) point: warm-up requests, then measurement windows of
 ``--window`` seconds (closed loop: ``concurrency`` threads each sending one request, waiting
@@ -254,7 +254,7 @@ def _ints(s: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m client.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", help="a running server (host:grpc_port); default: start one on --repository")
     p.add_argument("--repository", type=Path, help="model repository (served when no --url; used by --in-process)")
     p.add_argument("--workloads", default="image,text,score")
@@ -276,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"unknown workloads {bad}; choose from {sorted(MODEL_OF)}")
 
-    from .launch import TritonServer
-    from .sync import FilipClient
+    from filip_export.launch import TritonServer
+    from filip_client import FilipClient
     jpegs, captions = realistic_jpegs(), realistic_captions()
     print(f"inputs: {len(jpegs)} JPEGs 640x480 (mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB), "
           f"{len(captions)} captions of 8-20 words")
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.stop()
     if args.in_process:
-        from engine.pipeline import FilipPipeline   # lazily: the client needs no engine otherwise
+        from filip_engine.pipeline import FilipPipeline   # lazily: the client needs no engine otherwise
         calls = workload_calls(FilipPipeline.from_repository(args.repository), jpegs, captions)
         for w in workloads:
             for b in _ints(args.batch):

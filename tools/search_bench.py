@@ -1,9 +1,9 @@
 """Gallery search benchmark at several scales (in-process engine; synthetic clustered galleries).
 
-    python -m client.search_bench --sizes 10000,100000,1000000 [--root build/search-bench]
+    python -m tools.search_bench --sizes 10000,100000,1000000 [--root build/search-bench]
         [--token-dtype float16|int8] [--queries 20] [--candidates 2000] [--json FILE]
 
-For each size: writes (or resumes) a synthetic gallery (client/gallery_synth.py documents the
+For each size: writes (or resumes) a synthetic gallery (tools/gallery_synth.py documents the
 generator), then measures
 - indexing: the gallery writer's items/s (synthetic items, so no encoder in the loop; the
   served encoder's rate is in the demo and docs/BENCHMARKS.md's serving section);
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .bench_report import memcpy_bandwidth   # the same measure as the scorer section
-from .gallery import gallery_bytes
-from .gallery_synth import SyntheticSpec, load_queries, synthesize
+from tools.measure import memcpy_bandwidth, write_section   # the same measure as the scorer section
+from filip_contract.gallery import gallery_bytes
+from tools.gallery_synth import SyntheticSpec, load_queries, synthesize
 
 
 def _rss_mib() -> float:
@@ -57,8 +57,8 @@ def evict(path: Path) -> None:
 
 def bench_size(root: Path, n: int, *, token_dtype: str, n_queries: int, candidates: int, memcpy: float,
                exact_queries: int | None = None) -> dict:
-    from engine.gallery import Gallery
-    from engine.search import Queries, Searcher
+    from filip_contract.gallery_reader import Gallery
+    from filip_engine.search import Queries, Searcher
 
     path = root / f"synthetic-{n}-{token_dtype}"
     t = time.perf_counter()
@@ -144,8 +144,8 @@ CAPTIONS = ["a photo of a dog", "a red car parked on the street", "two people wa
 def bench_served(repo: Path, root: Path, name: str, *, candidates: int, rounds: int = 3) -> dict:
     """The same gallery served: filip_search loaded from ``root``, queried through the gRPC
     client (text embedding by filip_text included), one caption per call."""
-    from .launch import TritonServer
-    from .sync import FilipClient
+    from filip_export.launch import TritonServer
+    from filip_client import FilipClient
 
     os.environ["FILIP_GALLERY_ROOT"] = str(root.resolve())
     out: dict = {"gallery": name}
@@ -182,33 +182,10 @@ def table(results: list[dict], memcpy: float) -> str:
     return "\n".join(rows)
 
 
-START, END = "<!-- search-bench:start -->", "<!-- search-bench:end -->"
-
-
-def keep_section(path: Path, text: str) -> str:
-    """``text`` with the search section of the existing ``path`` (if any) appended, so that
-    client.bench_report, which rewrites the file, keeps what this benchmark wrote."""
-    old = path.read_text() if path.exists() else ""
-    if START in old and END in old:
-        return text.rstrip("\n") + "\n\n" + old[old.index(START):old.index(END) + len(END)] + "\n"
-    return text
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the delimited search section of ``path``."""
-    old = path.read_text() if path.exists() else ""
-    block = f"{START}\n{section.rstrip()}\n{END}"
-    if START in old and END in old:
-        new = old[:old.index(START)] + block + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + ("\n\n" if old else "") + block + "\n"
-    path.write_text(new)
-
-
 def report(results: list[dict], memcpy: float, command: str) -> str:
     lines = ["## Gallery search at scale (in-process and served)", "",
              f"`{command}` on this machine (2 cores, no GPU). Synthetic galleries with clustered token structure",
-             "(client/gallery_synth.py): B/32 shape, 49 patch tokens x 256 dims per item, fp16; queries are",
+             "(tools/gallery_synth.py): B/32 shape, 49 patch tokens x 256 dims per item, fp16; queries are",
              "synthetic captions of 6-20 tokens aimed at known items. One query per call; recall@10 is two-stage",
              "search's top-10 against exact search's for the same query. Exact search above 100k items is timed on",
              "fewer queries (it reads the whole gallery each time).", "",
@@ -246,7 +223,7 @@ def report(results: list[dict], memcpy: float, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m client.search_bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.search_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="10000,100000", help="comma-separated gallery sizes (default 10000,100000)")
     p.add_argument("--root", type=Path, default=Path("build/search-bench"), help="where the synthetic galleries go")
     p.add_argument("--token-dtype", choices=["float16", "int8"], default="float16")
@@ -284,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({"memcpy": memcpy, "results": results}, indent=1))
     if args.report:
         import sys
-        write_section(args.report, report(results, memcpy, "python -m client.search_bench " + " ".join(sys.argv[1:] if argv is None else argv)))
+        write_section(args.report, report(results, memcpy, "python -m tools.search_bench " + " ".join(sys.argv[1:] if argv is None else argv)))
         print(f"wrote the search section of {args.report}")
     return 0
 

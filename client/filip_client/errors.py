@@ -1,19 +1,22 @@
-"""One error tree for the client, each raised ``from`` the underlying gRPC/Triton error.
+"""The client's errors: the project's one tree (:mod:`filip_contract.errors`) plus the two
+kinds only a client meets, each raised ``from`` the underlying gRPC/Triton error.
 
     FilipError
     ├── FilipConnectionError    the server cannot be reached (or went away)
     ├── FilipTimeoutError       the call's deadline (``timeout=``) passed
     ├── FilipInvalidInputError  the request was refused as invalid (INVALID_ARGUMENT), or the
     │                           client refused it before sending (also a ValueError)
-    └── FilipServerError        anything else the server answered with (unknown model, internal error)
+    └── FilipServerError        the server's state (INTERNAL), an unknown model, anything else
         └── FilipOverloadedError the server refused the request for now (queue full or queue
                                  timeout); the clients retry these with jittered backoff
 """
 from __future__ import annotations
 
+from filip_contract.errors import (GRPC_STATUS, Fault, FilipError, FilipInvalidInputError, FilipOverloadedError,
+                                   FilipServerError)
 
-class FilipError(Exception):
-    """Base of every error raised by the client."""
+__all__ = ["FilipError", "FilipConnectionError", "FilipTimeoutError", "FilipInvalidInputError", "FilipServerError",
+           "FilipOverloadedError", "from_triton"]
 
 
 class FilipConnectionError(FilipError):
@@ -24,20 +27,8 @@ class FilipTimeoutError(FilipError, TimeoutError):
     pass
 
 
-class FilipInvalidInputError(FilipError, ValueError):
-    pass
-
-
-class FilipServerError(FilipError):
-    def __init__(self, message: str, status: str | None = None):
-        super().__init__(message)
-        self.status = status
-
-
-class FilipOverloadedError(FilipServerError):
-    pass
-
-
+# UNAVAILABLE means overload when Triton's queue refused the request, and an unreachable
+# server when gRPC itself could not deliver it; only the message tells the two apart.
 _OVERLOAD_MARKERS = ("exceeds maximum queue size", "request timeout expired")
 
 
@@ -49,12 +40,14 @@ def from_triton(exc: Exception, what: str) -> FilipError:
         status = str(exc.status() or "")
         msg = exc.message() if hasattr(exc, "message") else msg
     text = f"{what}: {msg}"
-    if "INVALID_ARGUMENT" in status:
+    name = status.rsplit(".", 1)[-1]      # "StatusCode.INVALID_ARGUMENT" -> "INVALID_ARGUMENT"
+    if name == GRPC_STATUS[Fault.CALLER]:
         return FilipInvalidInputError(text)
-    if "DEADLINE_EXCEEDED" in status or "Deadline Exceeded" in msg:
+    if name == "DEADLINE_EXCEEDED" or "Deadline Exceeded" in msg:
         return FilipTimeoutError(text)
-    if "UNAVAILABLE" in status and any(m in msg.lower() for m in _OVERLOAD_MARKERS):
-        return FilipOverloadedError(text, status)
-    if "UNAVAILABLE" in status and "unknown model" not in msg.lower():
-        return FilipConnectionError(text)
+    if name == GRPC_STATUS[Fault.OVERLOAD]:
+        if any(m in msg.lower() for m in _OVERLOAD_MARKERS):
+            return FilipOverloadedError(text, status)
+        if "unknown model" not in msg.lower():
+            return FilipConnectionError(text)
     return FilipServerError(text, status or None)

@@ -4,8 +4,8 @@ s_T, a zero-shot classification and a word-patch alignment map, check the served
 embeddings against in-process PyTorch, index a folder of images into a gallery through the
 server and search it (exact and two-stage), stop the server.
 
-    python -m client.demo --repository build/demo/triton_models --checkpoint build/demo/filip-ViT-B-32.pt
-    python -m client.demo --url localhost:8001            # against a server you started
+    python -m tools.demo --repository build/demo/triton_models --checkpoint build/demo/filip-ViT-B-32.pt
+    python -m tools.demo --url localhost:8001            # against a server you started
 
 A random-initialised checkpoint gives meaningless rankings; the demo shows the machinery and
 that the numbers are exact.
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .errors import FilipError
-from .launch import TritonServer
-from .sync import FilipClient
+from filip_client.errors import FilipError
+from filip_export.launch import TritonServer
+from filip_client import FilipClient
 
 TEXTS = ["a photo of a woman in uniform", "a red circle on a white background",
          "a blue square", "a diagram of a neural network", "!"]
@@ -122,9 +122,9 @@ def run(client: FilipClient, checkpoint: Path | None, gallery: Path | None = Non
     print("\n".join("  " + " ".join(f"{v:2d}" for v in row) for row in np.atleast_2d(amap)))
     if checkpoint is not None:
         # in-process comparison: the engine is imported lazily, only here
-        from engine.compare import compare_outputs
-        from engine.io_spec import Tolerance
-        from engine.pipeline import FilipPipeline
+        from filip_engine.compare import compare_outputs
+        from filip_engine.io_spec import Tolerance
+        from filip_engine.pipeline import FilipPipeline
         ref = FilipPipeline.from_checkpoint(checkpoint)
         print()
         for what, a, b in (("images", ref.embed_images(list(images.values())), img), ("texts", ref.embed_texts(TEXTS), txt)):
@@ -139,7 +139,7 @@ def run(client: FilipClient, checkpoint: Path | None, gallery: Path | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m client.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--repository", type=Path, help="model repository to serve (starts and stops tritonserver)")
     p.add_argument("--url", help="use a running server instead (host:grpc_port)")
     p.add_argument("--checkpoint", type=Path, help="also compare with in-process PyTorch on this checkpoint")
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from engine.errors import FilipError as EngineError  # a failed parity gate, a bad checkpoint
+        from filip_engine.errors import FilipError as EngineError  # a failed parity gate, a bad checkpoint
         if isinstance(e, EngineError):
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -1,55 +1,38 @@
-"""What the sync and async clients share: model names, input encoding, request building,
-output parsing and the zero-shot aggregation.  No I/O happens here."""
+"""What the sync and async clients share: input encoding, request building, output parsing
+and the zero-shot aggregation, all from the served contract (:mod:`filip_contract`): model
+and tensor names, datatypes, limits and search bounds.  No I/O happens here."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
-from .errors import FilipInvalidInputError
+from filip_contract import limits as L
+from filip_contract import models as M
+from filip_contract.limits import ServingLimits
+from filip_contract.prompts import DEFAULT_TEMPLATES
+
+from .errors import FilipInvalidInputError, FilipServerError
 from .types import Embeddings, Hit
 
-TEXT_MODEL = "filip_text"
-IMAGE_MODEL = "filip_image"
-SCORE_MODEL = "filip_score"
-SEARCH_MODEL = "filip_search"
-MODELS = (TEXT_MODEL, IMAGE_MODEL, SCORE_MODEL, SEARCH_MODEL)
-SEARCH_MODES = ("exact", "two_stage")
-SEARCH_OUTPUTS = ("IDS", "SCORES", "METADATA", "INFO")
-MAX_QUERIES = 64              # queries per search request (engine.search.MAX_QUERIES)
-MAX_K = 1000
+TEXT_MODEL, IMAGE_MODEL, SCORE_MODEL, SEARCH_MODEL = (M.TEXT.name, M.IMAGE.name, M.SCORE.name, M.SEARCH.name)
+MODELS = tuple(M.MODELS)
+EMBED_OUTPUTS = M.EMBED_OUTPUTS
+SEARCH_OUTPUTS = M.SEARCH.output_names
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-EMBED_OUTPUTS = ("TOKENS", "LENGTHS", "POOLED")
-
-# The server's per-request limits (engine.serving.ServingLimits) are published as ``limit_*``
-# parameters of each model's config; the clients read them and refuse what the server would
-# refuse before sending.  These defaults apply only when a server does not publish them.
-MAX_TEXT_CHARS = 2_000
-MAX_IMAGE_BYTES = 16 * 1024 * 1024
-MAX_ITEMS_PER_REQUEST = 256
-DEFAULT_LIMITS = {"max_text_chars": MAX_TEXT_CHARS, "max_image_bytes": MAX_IMAGE_BYTES,
-                  "max_items_per_request": MAX_ITEMS_PER_REQUEST}
+__all__ = ["DEFAULT_TEMPLATES"]
 
 
-def served_limits(config: dict) -> dict[str, int]:
-    """The ``limit_*`` parameters of a served model config, over the defaults."""
-    params = config.get("parameters", {})
-    out = dict(DEFAULT_LIMITS)
-    for k, v in params.items():
-        if k.startswith("limit_"):
-            out[k[len("limit_"):]] = int(v.get("string_value", "0"))
-    return out
-
-# CLIP-style prompt ensemble (a subset of OpenAI's ImageNet templates); overridable per call.
-DEFAULT_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.", "a bad photo of a {}.", "a photo of many {}.", "a photo of the large {}.",
-    "a photo of the small {}.", "a close-up photo of a {}.", "a bright photo of a {}.", "itap of a {}.",
-)
+def served_limits(config: dict) -> ServingLimits:
+    """The limits a served model config publishes (``limit_*`` parameters); those it does not
+    publish keep the contract's defaults."""
+    return ServingLimits.from_params({k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()})
 
 ImageLike = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, Any]
 
@@ -69,7 +52,7 @@ def retry_pause(err: Exception, attempt: int, max_retries: int, deadline: float 
     return None if deadline is not None and time.monotonic() + pause >= deadline else pause
 
 
-def encode_image(item: ImageLike, index: int, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+def encode_image(item: ImageLike, index: int, max_bytes: int = ServingLimits.max_image_bytes) -> bytes:
     """Whatever the user gave -> encoded image bytes for the server (which decodes and
     preprocesses).  Paths are read, PIL images and uint8 arrays are PNG-encoded (lossless)."""
     if isinstance(item, (str, os.PathLike)):
@@ -114,7 +97,7 @@ def _png(img) -> bytes:
     return buf.getvalue()
 
 
-def check_texts(texts: Sequence[str], max_chars: int = MAX_TEXT_CHARS) -> list[str]:
+def check_texts(texts: Sequence[str], max_chars: int = ServingLimits.max_text_chars) -> list[str]:
     if isinstance(texts, (str, bytes)) or not isinstance(texts, Sequence):
         raise FilipInvalidInputError("texts must be a list of strings")
     if not texts:
@@ -138,75 +121,71 @@ def check_images(images: Sequence[ImageLike]) -> list[ImageLike]:
     return list(images)
 
 
-def chunks(n: int, size: int) -> list[tuple[int, int]]:
-    if size < 1 or size > MAX_ITEMS_PER_REQUEST:
-        raise FilipInvalidInputError(f"batch_size must be in 1..{MAX_ITEMS_PER_REQUEST}, got {size}")
+def chunks(n: int, size: int, cap: int = ServingLimits.max_items_per_request) -> list[tuple[int, int]]:
+    if size < 1 or size > cap:
+        raise FilipInvalidInputError(f"batch_size must be in 1..{cap}, got {size}")
     return [(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def text_inputs(grpc, texts: Sequence[str]) -> list:
-    arr = np.array([t.encode("utf-8") for t in texts], dtype=np.object_).reshape(-1, 1)
-    inp = grpc.InferInput("TEXT", list(arr.shape), "BYTES")
-    inp.set_data_from_numpy(arr)
-    return [inp]
-
-
-def image_inputs(grpc, blobs: Sequence[bytes]) -> list:
-    arr = np.array(list(blobs), dtype=np.object_).reshape(-1, 1)
-    inp = grpc.InferInput("IMAGE", list(arr.shape), "BYTES")
-    inp.set_data_from_numpy(arr)
-    return [inp]
-
-
-def score_inputs(grpc, images: Embeddings, texts: Embeddings) -> list:
-    arrays = {"IMAGE_TOKENS": np.ascontiguousarray(images.tokens, np.float32),
-              "IMAGE_LENGTHS": np.ascontiguousarray(images.lengths, np.int32).reshape(-1),
-              "TEXT_TOKENS": np.ascontiguousarray(texts.tokens, np.float32),
-              "TEXT_LENGTHS": np.ascontiguousarray(texts.lengths, np.int32).reshape(-1)}
+def make_inputs(grpc, model: M.Model, arrays: Mapping[str, np.ndarray]) -> list:
+    """InferInputs of ``model`` from named arrays, each cast to its declared datatype."""
     out = []
     for name, a in arrays.items():
-        inp = grpc.InferInput(name, list(a.shape), "FP32" if a.dtype == np.float32 else "INT32")
+        spec = model.input(name)
+        a = np.ascontiguousarray(a, dtype=spec.numpy_dtype)
+        inp = grpc.InferInput(name, list(a.shape), spec.datatype)
         inp.set_data_from_numpy(a)
         out.append(inp)
     return out
+
+
+def _utf8(texts: Sequence[str]) -> np.ndarray:
+    return np.array([t.encode("utf-8") for t in texts], dtype=np.object_)
+
+
+def text_inputs(grpc, texts: Sequence[str]) -> list:
+    return make_inputs(grpc, M.TEXT, {"TEXT": _utf8(texts).reshape(-1, 1)})
+
+
+def image_inputs(grpc, blobs: Sequence[bytes]) -> list:
+    return make_inputs(grpc, M.IMAGE, {"IMAGE": np.array(list(blobs), dtype=np.object_).reshape(-1, 1)})
+
+
+def score_inputs(grpc, images: Embeddings, texts: Embeddings) -> list:
+    return make_inputs(grpc, M.SCORE, {"IMAGE_TOKENS": images.tokens, "IMAGE_LENGTHS": np.reshape(images.lengths, -1),
+                                       "TEXT_TOKENS": texts.tokens, "TEXT_LENGTHS": np.reshape(texts.lengths, -1)})
+
+
+def _positive(value, what: str, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
+        raise FilipInvalidInputError(f"{what} must be an integer in 1..{hi}, got {value!r}")
 
 
 def search_inputs(grpc, texts: Sequence[str], k: int, mode: str, candidates: int | None,
                   allowed_ids: Sequence[str] | None) -> list:
-    """Inputs of one filip_search request (validated here first)."""
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-        raise FilipInvalidInputError(f"k must be an integer in 1..{MAX_K}, got {k!r}")
-    if mode not in SEARCH_MODES:
-        raise FilipInvalidInputError(f"mode must be one of {SEARCH_MODES}, got {mode!r}")
-    if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1):
-        raise FilipInvalidInputError(f"candidates must be a positive integer, got {candidates!r}")
-    arrays = {"TEXT": (np.array([t.encode("utf-8") for t in texts], dtype=np.object_), "BYTES"),
-              "K": (np.array([k], np.int32), "INT32"),
-              "MODE": (np.array([mode.encode()], dtype=np.object_), "BYTES")}
+    """Inputs of one filip_search request (validated here first, against the contract's bounds)."""
+    _positive(k, "k", L.MAX_K)
+    if mode not in L.SEARCH_MODES:
+        raise FilipInvalidInputError(f"mode must be one of {L.SEARCH_MODES}, got {mode!r}")
     if candidates is not None:
-        arrays["CANDIDATES"] = (np.array([candidates], np.int32), "INT32")
+        _positive(candidates, "candidates", L.MAX_CANDIDATES)
+    arrays = {"TEXT": _utf8(texts), "K": np.array([k]), "MODE": _utf8([mode])}
+    if candidates is not None:
+        arrays["CANDIDATES"] = np.array([candidates])
     if allowed_ids is not None:
         if isinstance(allowed_ids, str) or not allowed_ids or not all(isinstance(i, str) for i in allowed_ids):
             raise FilipInvalidInputError("allowed_ids must be a non-empty list of id strings")
-        arrays["ALLOWED_IDS"] = (np.array([i.encode("utf-8") for i in allowed_ids], dtype=np.object_), "BYTES")
-    out = []
-    for name, (a, dtype) in arrays.items():
-        inp = grpc.InferInput(name, list(a.shape), dtype)
-        inp.set_data_from_numpy(a)
-        out.append(inp)
-    return out
+        arrays["ALLOWED_IDS"] = _utf8(allowed_ids)
+    return make_inputs(grpc, M.SEARCH, arrays)
 
 
 def reload_inputs(grpc, name: str) -> list:
     if not isinstance(name, str) or not name:
         raise FilipInvalidInputError(f"gallery name must be a non-empty string, got {name!r}")
-    inp = grpc.InferInput("RELOAD", [1], "BYTES")
-    inp.set_data_from_numpy(np.array([name.encode("utf-8")], dtype=np.object_))
-    return [inp]
+    return make_inputs(grpc, M.SEARCH, {"RELOAD": _utf8([name])})
 
 
 def parse_hits(result, what: str = SEARCH_MODEL) -> tuple[list[list[Hit]], dict]:
-    import json
     ids, scores, meta = (output(result, n, what) for n in ("IDS", "SCORES", "METADATA"))
     info = parse_info(result, what)
     hits = [[Hit(bytes(i).decode("utf-8"), float(s), json.loads(bytes(m).decode("utf-8")))
@@ -215,7 +194,6 @@ def parse_hits(result, what: str = SEARCH_MODEL) -> tuple[list[list[Hit]], dict]
 
 
 def parse_info(result, what: str = SEARCH_MODEL) -> dict:
-    import json
     return json.loads(bytes(output(result, "INFO", what).reshape(-1)[0]).decode())
 
 
@@ -235,7 +213,6 @@ def requested(grpc, names: Sequence[str]) -> list:
 def output(result, name: str, what: str) -> np.ndarray:
     a = result.as_numpy(name)
     if a is None:
-        from .errors import FilipServerError
         raise FilipServerError(f"{what}: the server's response has no output '{name}'")
     return a
 
@@ -255,7 +232,8 @@ def check_embeddings(e: Embeddings, what: str) -> None:
 
 def token_dim(score_config: dict) -> int:
     """D from the served filip_score config (the last dim of IMAGE_TOKENS)."""
-    return int(next(i for i in score_config["input"] if i["name"] == "IMAGE_TOKENS")["dims"][-1])
+    name = M.SCORE.inputs[0].name
+    return int(next(i for i in score_config["input"] if i["name"] == name)["dims"][-1])
 
 
 def canary_requests(grpc, dim: int) -> dict[str, tuple[list, list[str]]]:
@@ -271,9 +249,7 @@ def canary_requests(grpc, dim: int) -> dict[str, tuple[list, list[str]]]:
 
 def status_inputs(grpc) -> list:
     """A filip_search status request (no TEXT, no RELOAD): answers INFO on the served gallery."""
-    inp = grpc.InferInput("K", [1], "INT32")
-    inp.set_data_from_numpy(np.array([1], np.int32))
-    return [inp]
+    return make_inputs(grpc, M.SEARCH, {"K": np.array([1])})
 
 
 def build_prompts(labels: Sequence[str], templates: Sequence[str]) -> list[str]:

@@ -1,8 +1,8 @@
 """Soak test: mixed image / text / score traffic with a share of bad requests, at a fixed rate,
 for a set duration, against a real server.
 
-    python -m client.soak --repository build/demo/triton_models --duration 600 --rate 10
-    python -m client.soak --url localhost:8001 --pid $(pgrep -f bin/tritonserver) --duration 60
+    python -m tools.soak --repository build/demo/triton_models --duration 600 --rate 10
+    python -m tools.soak --url localhost:8001 --pid $(pgrep -f bin/tritonserver) --duration 60
 
 Reports requests served, errors by kind, p50/p99 per interval, and the server's memory (RSS
 of the server and its Python-backend stubs, read from /proc) over time.  Exit 1 if a good
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FilipError, FilipInvalidInputError
+from filip_client.errors import FilipError, FilipInvalidInputError
 
 
 def process_tree_rss(pid: int) -> int:
@@ -97,7 +97,7 @@ def _jpeg(rng: np.random.Generator) -> bytes:
 
 def run_soak(url: str, *, duration: float, rate: float, bad_share: float = 0.1, interval: float = 10.0,
              pid: int | None = None, seed: int = 0, log=print) -> SoakReport:
-    from .sync import FilipClient
+    from filip_client import FilipClient
     rng = np.random.default_rng(seed)
     pick = random.Random(seed)
     jpegs = [_jpeg(rng) for _ in range(8)]
@@ -181,7 +181,7 @@ def run_soak(url: str, *, duration: float, rate: float, bad_share: float = 0.1, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m client.soak", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.soak", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", help="a running server; else one is started on --repository")
     p.add_argument("--repository", type=Path)
     p.add_argument("--pid", type=int, help="server PID for memory tracking (known when the soak starts the server)")
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if (args.url is None) == (args.repository is None):
         p.error("give exactly one of --url or --repository")
-    from .launch import TritonServer
+    from filip_export.launch import TritonServer
     server = TritonServer(args.repository).start() if args.repository else None
     try:
         report = run_soak(server.url if server else args.url, duration=args.duration, rate=args.rate,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .gallery import GalleryWriter
+from filip_contract.gallery_writer import GalleryWriter
 
 QUERY_FILE = "synthetic-queries.npz"
 
@@ -126,7 +126,7 @@ def load_queries(path: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m client.gallery_synth", description="Write a synthetic FILIP gallery.")
+    p = argparse.ArgumentParser(prog="python -m tools.gallery_synth", description="Write a synthetic FILIP gallery.")
     p.add_argument("path", type=Path)
     p.add_argument("--items", type=int, required=True)
     p.add_argument("--token-dtype", choices=["float16", "int8"], default="float16")

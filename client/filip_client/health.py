@@ -1,10 +1,10 @@
-"""python -m client.health [--url HOST:PORT] [--deep] [--timeout S]: a probe for orchestrators.
+"""python -m filip_client.health [--url HOST:PORT] [--deep] [--timeout S]: a probe for orchestrators.
 
 Exit 0 when healthy, 1 when not (one line saying why), 2 when the server cannot be reached.
 ``--deep`` sends one tiny real request to each model: Triton does not restart a crashed
 Python-backend stub and keeps answering its own health endpoints with OK, so a liveness or
 readiness probe that must notice a dead model has to run it (e.g. Kubernetes
-``livenessProbe: exec: command: [python, -m, client.health, --deep]``).
+``livenessProbe: exec: command: [python, -m, filip_client.health, --deep]``).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .sync import FilipClient
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m client.health", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m filip_client.health", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="localhost:8001")
     p.add_argument("--deep", action="store_true", help="also run one tiny request per model")
     p.add_argument("--timeout", type=float, default=5.0)

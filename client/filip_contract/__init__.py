@@ -1,0 +1,1 @@
+"""The served contract, declared once (numpy only)."""
