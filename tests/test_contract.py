@@ -78,7 +78,11 @@ def test_what_each_side_imports():
 
 
 def test_engine_wheel_has_no_generic_top_level_packages(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+    src = tmp_path / "src"                       # a copy: building writes build/ and egg-info beside the sources
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "engine", "export"):
+        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(ROOT / name, src / name)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(src)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     import zipfile
@@ -94,7 +98,8 @@ def test_client_distribution_installs_alone(tmp_path):
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     py = str(env_dir / "bin" / "python")
-    r = subprocess.run([py, "-m", "pip", "install", "-q", str(ROOT / "client")], capture_output=True, text=True, timeout=900)
+    client = shutil.copytree(ROOT / "client", tmp_path / "client", ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    r = subprocess.run([py, "-m", "pip", "install", "-q", str(client)], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr
     r = _python("import importlib.metadata as md\nprint('\\n'.join(sorted(d.metadata['Name'].lower() for d in md.distributions())))",
                 python=py, cwd=tmp_path)

@@ -96,6 +96,44 @@ def test_index_reload_search(setup, capsys):
         c.reload_gallery("default")
 
 
+def test_index_on_the_server_needs_no_shared_filesystem(setup):
+    """on_server=True: the client sends each segment's embeddings to filip_search, which writes
+    the gallery under its own root with the contract's writer; what it stores is exactly what
+    the client embedded (fp16), a second run adds nothing, and the gallery serves."""
+    from filip_contract.gallery_reader import Gallery
+    server, base, images = setup
+    with FilipClient(server.url) as c:
+        report = c.index_images(images, "remote", on_server=True, commit_every=5, progress=False)
+        assert (report.added, report.skipped, list(report.failed), report.total) == (14, 0, ["broken.jpg"], 14)
+        g = Gallery.open(base / "galleries" / "remote")               # on the server's side, verified
+        assert g.count == 14 and len(g.segments) == 3
+        files = sorted(p for p in images.rglob("*.png"))
+        ids = [p.relative_to(images).as_posix() for p in files]
+        emb = c.embed_images([str(p) for p in files])
+        rows = np.array([g.ids.index(i) for i in ids])
+        assert np.array_equal(g.raw_rows(rows)[0], emb.tokens.astype(np.float16))
+        assert g.metadata(int(rows[0]))["path"] == str(files[0])
+        again = c.index_images(images, "remote", on_server=True, progress=False)
+        assert (again.added, again.skipped, again.total) == (0, 14, 14)
+        assert c.reload_gallery("remote")["count"] == 14
+        assert [h.id for h in c.search(["a photo of a cat"], k=14)[0]] and c.gallery_info()["name"] == "remote"
+        with pytest.raises(FilipInvalidInputError, match="plain folder name"):
+            c.index_images(images, "../outside", on_server=True, progress=False)
+        with pytest.raises(FilipInvalidInputError, match="1 token rows for 2 ids"):
+            import tritonclient.grpc as grpc
+            from filip_client import _protocol as P
+            c._call(P.SEARCH_MODEL, P.append_inputs(grpc, "remote", ["x", "y"], "float16", emb.tokens[:1], emb.pooled[:1]),
+                    ["INFO"], 30, "append")
+
+        async def run():
+            async with AsyncFilipClient(server.url) as ac:
+                return await ac.index_images(images, "remote-async", on_server=True, commit_every=7, progress=False)
+        r = asyncio.run(run())
+        assert (r.added, len(r.failed), r.total) == (14, 1, 14)
+        assert Gallery.open(base / "galleries" / "remote-async").count == 14
+        c.reload_gallery("default")
+
+
 def test_corrupt_gallery_refused_and_previous_kept(setup):
     server, base, images = setup
     with FilipClient(server.url) as c:

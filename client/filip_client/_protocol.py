@@ -185,6 +185,20 @@ def reload_inputs(grpc, name: str) -> list:
     return make_inputs(grpc, M.SEARCH, {"RELOAD": _utf8([name])})
 
 
+def append_inputs(grpc, name: str, ids: Sequence[str], token_dtype: str, tokens: np.ndarray | None = None,
+                  pooled: np.ndarray | None = None, metadata: Sequence[Mapping | None] | None = None) -> list:
+    """A filip_search APPEND request: with ``tokens`` (and ``pooled``, ``metadata``) it appends
+    one segment to the server's gallery ``name``; without, it asks which of ``ids`` it holds."""
+    if not isinstance(name, str) or not name:
+        raise FilipInvalidInputError(f"gallery name must be a non-empty string, got {name!r}")
+    arrays = {"APPEND": _utf8([name]), "ITEM_IDS": _utf8(ids), "TOKEN_DTYPE": _utf8([token_dtype])}
+    if tokens is not None:
+        arrays["TOKENS"], arrays["POOLED"] = tokens, pooled
+        arrays["ITEM_METADATA"] = _utf8([json.dumps(dict(m or {}), ensure_ascii=False, allow_nan=False)
+                                         for m in (metadata if metadata is not None else [None] * len(ids))])
+    return make_inputs(grpc, M.SEARCH, arrays)
+
+
 def parse_hits(result, what: str = SEARCH_MODEL) -> tuple[list[list[Hit]], dict]:
     ids, scores, meta = (output(result, n, what) for n in ("IDS", "SCORES", "METADATA"))
     info = parse_info(result, what)

@@ -153,19 +153,24 @@ class AsyncFilipClient:
 
     async def index_images(self, images, gallery, *, ids=None, metadata=None, token_dtype: str = "float16",
                            batch_size: int = 16, commit_every: int = 256, progress: bool = True,
-                           timeout: float | None = None) -> IndexReport:
-        """As FilipClient.index_images: the file writing runs in a worker thread, the embedding
-        requests on this event loop."""
-        from .indexing import index_images
+                           on_server: bool = False, timeout: float | None = None) -> IndexReport:
+        """As FilipClient.index_images: the file writing runs in a worker thread, the requests
+        on this event loop."""
+        from .indexing import ServerGalleryWriter, index_images
         loop = asyncio.get_running_loop()
 
         def embed(items):
             coro = self.embed_images(items, batch_size=batch_size, timeout=timeout)
             return asyncio.run_coroutine_threadsafe(coro, loop).result()
 
+        def send(inputs: list) -> dict:
+            coro = self._call(P.SEARCH_MODEL, inputs, ["INFO"], timeout, f"append to gallery {gallery!r}")
+            return P.parse_info(asyncio.run_coroutine_threadsafe(coro, loop).result())
+
+        server = (lambda item_ids: ServerGalleryWriter(send, grpc, str(gallery), token_dtype, item_ids)) if on_server else None
         return await loop.run_in_executor(None, lambda: index_images(
             embed, images, gallery, ids=ids, metadata=metadata, token_dtype=token_dtype,
-            commit_every=commit_every, progress=progress))
+            commit_every=commit_every, progress=progress, server=server))
 
     async def logit_scale(self) -> float:
         return float((await self._config(P.SCORE_MODEL))["parameters"]["logit_scale"]["string_value"])

@@ -3,11 +3,18 @@ and its command line:
 
     python -m filip_client.indexing --url localhost:8001 --gallery galleries/photos photos/ [--reload photos]
 
-Images are embedded by the served filip_image model and written with
-:class:`filip_contract.gallery_writer.GalleryWriter` in commits of ``commit_every`` items.  A run that is
-killed loses nothing it had committed; running it again skips the ids already in the
-gallery.  A bad image (corrupt, missing, too large) is reported in the result and skipped;
-the others are indexed.
+Images are embedded by the served filip_image model and committed in segments of
+``commit_every`` items, by one of two writers:
+
+- on the client's filesystem, with :class:`filip_contract.gallery_writer.GalleryWriter`
+  (``gallery`` is a folder; for storage the server also mounts, or a gallery built here);
+- on the server's (``on_server=True``): ``gallery`` is the name of a gallery under the
+  server's gallery root, and each segment is sent to filip_search (APPEND), which writes it
+  with the same writer there.  Client and server need share no filesystem.
+
+A run that is killed loses nothing it had committed; running it again skips the ids already
+in the gallery.  A bad image (corrupt, missing, too large) is reported in the result and
+skipped; the others are indexed.
 """
 from __future__ import annotations
 
@@ -18,9 +25,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from filip_contract.gallery_writer import GalleryWriter
+
 from . import _protocol as P
 from .errors import FilipError, FilipInvalidInputError
-from filip_contract.gallery_writer import GalleryWriter
 from .types import Embeddings, IndexReport
 
 
@@ -45,17 +53,44 @@ def _resolve(images, ids, metadata) -> tuple[list, list[str], list]:
     return images, ids, metadata
 
 
+class ServerGalleryWriter:
+    """The writer of a gallery on the server, behind filip_search's APPEND: what
+    :class:`GalleryWriter` offers here (``in``, ``add``, ``count``), over ``send(inputs) -> INFO``."""
+
+    def __init__(self, send: Callable[[list], dict], grpc, name: str, token_dtype: str, ids: Sequence[str]):
+        self.send, self.grpc, self.name, self.token_dtype = send, grpc, name, token_dtype
+        info = send(P.append_inputs(grpc, name, list(ids), token_dtype))       # which of ids the gallery holds
+        self._present, self.count = set(info["present"]), int(info["count"])
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in self._present
+
+    def add(self, ids: Sequence[str], tokens, pooled, metadata) -> int:
+        info = self.send(P.append_inputs(self.grpc, self.name, list(ids), self.token_dtype, tokens, pooled, metadata))
+        self._present.update(ids)
+        self.count = int(info["count"])
+        return self.count
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 def index_images(embed: Callable[[list], Embeddings], images: Sequence[P.ImageLike] | str | os.PathLike,
                  gallery: str | os.PathLike, *, ids: Sequence[str] | None = None,
                  metadata: Sequence[Mapping[str, Any] | None] | None = None, token_dtype: str = "float16",
-                 commit_every: int = 256, progress: bool = True) -> IndexReport:
-    """``embed(list_of_images) -> Embeddings`` is the client's embed_images."""
+                 commit_every: int = 256, progress: bool = True,
+                 server: Callable[[list[str]], ServerGalleryWriter] | None = None) -> IndexReport:
+    """``embed(list_of_images) -> Embeddings`` is the client's embed_images; ``server(ids)``,
+    when given, opens the server's writer of the gallery named ``gallery``."""
     if commit_every < 1:
         raise FilipInvalidInputError(f"commit_every must be at least 1, got {commit_every}")
     images, ids, metadata = _resolve(images, ids, metadata)
     report = IndexReport(gallery=str(gallery))
     t0 = time.perf_counter()
-    with GalleryWriter(gallery, token_dtype=token_dtype) as w:
+    with (server(ids) if server is not None else GalleryWriter(gallery, token_dtype=token_dtype)) as w:
         todo = [i for i in range(len(images)) if ids[i] not in w]
         report.skipped = len(images) - len(todo)
         bar = None
@@ -92,7 +127,10 @@ def index_images(embed: Callable[[list], Embeddings], images: Sequence[P.ImageLi
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m filip_client.indexing", description="Embed images through the server into a gallery.")
     p.add_argument("images", nargs="+", help="image files, or one folder (searched recursively)")
-    p.add_argument("--gallery", required=True, type=Path, help="gallery folder (created, or resumed if it exists)")
+    p.add_argument("--gallery", required=True, type=Path,
+                   help="gallery folder (created, or resumed if it exists); with --on-server, a gallery name")
+    p.add_argument("--on-server", action="store_true",
+                   help="write the gallery on the server, under its gallery root (no shared filesystem needed)")
     p.add_argument("--url", default="localhost:8001", help="Triton gRPC address (default localhost:8001)")
     p.add_argument("--token-dtype", choices=["float16", "int8"], default="float16",
                    help="stored token precision: float16 (default) or int8 with a per-token scale")
@@ -106,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     images = args.images[0] if len(args.images) == 1 and Path(args.images[0]).is_dir() else args.images
     try:
         with FilipClient(args.url) as client:
-            r = client.index_images(images, args.gallery, token_dtype=args.token_dtype, batch_size=args.batch_size,
-                                    commit_every=args.commit_every, progress=not args.no_progress)
+            gallery = str(args.gallery) if args.on_server else args.gallery
+            r = client.index_images(images, gallery, token_dtype=args.token_dtype, batch_size=args.batch_size,
+                                    commit_every=args.commit_every, progress=not args.no_progress,
+                                    on_server=args.on_server)
             print(f"{r.gallery}: added {r.added}, skipped {r.skipped} already indexed, failed {len(r.failed)}; "
                   f"{r.total} items; {r.images_per_s:.1f} images/s")
             for item_id, why in r.failed.items():

@@ -190,13 +190,20 @@ class FilipClient:
     def index_images(self, images: Sequence[P.ImageLike] | str | os.PathLike, gallery: str | os.PathLike, *,
                      ids: Sequence[str] | None = None, metadata: Sequence[Mapping | None] | None = None,
                      token_dtype: str = "float16", batch_size: int = 16, commit_every: int = 256,
-                     progress: bool = True, timeout: float | None = None) -> IndexReport:
+                     progress: bool = True, on_server: bool = False, timeout: float | None = None) -> IndexReport:
         """Embed ``images`` (a list, or a folder searched recursively) through the server and
-        append them to the gallery folder ``gallery`` (see filip_client.indexing; resumable)."""
-        from .indexing import index_images
+        append them to a gallery (see filip_client.indexing; resumable): the folder ``gallery``
+        on this machine, or with ``on_server=True`` the gallery named ``gallery`` under the
+        server's gallery root, written there by filip_search (no shared filesystem needed)."""
+        from .indexing import ServerGalleryWriter, index_images
+
+        def send(inputs: list) -> dict:
+            return P.parse_info(self._call(P.SEARCH_MODEL, inputs, ["INFO"], timeout, f"append to gallery {gallery!r}"))
+
+        server = (lambda item_ids: ServerGalleryWriter(send, grpc, str(gallery), token_dtype, item_ids)) if on_server else None
         return index_images(lambda items: self.embed_images(items, batch_size=batch_size, timeout=timeout),
                             images, gallery, ids=ids, metadata=metadata, token_dtype=token_dtype,
-                            commit_every=commit_every, progress=progress)
+                            commit_every=commit_every, progress=progress, server=server)
 
     def logit_scale(self) -> float:
         """The model's similarity multiplier (exp of its logit scale), from the served config."""

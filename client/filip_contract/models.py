@@ -118,11 +118,19 @@ SEARCH = Model(
             Tensor("MODE", "BYTES", (1,), optional=True, doc="exact or two_stage"),
             Tensor("CANDIDATES", "INT32", (1,), optional=True, doc="two-stage candidates per query"),
             Tensor("ALLOWED_IDS", "BYTES", (-1,), optional=True, doc="search only these items"),
-            Tensor("RELOAD", "BYTES", (1,), optional=True, doc="a gallery name to load instead of searching")),
+            Tensor("RELOAD", "BYTES", (1,), optional=True, doc="a gallery name to load instead of searching"),
+            # appending to a gallery on the server's filesystem (indexing without shared storage)
+            Tensor("APPEND", "BYTES", (1,), optional=True, doc="a gallery name to append to (created if missing)"),
+            Tensor("ITEM_IDS", "BYTES", (-1,), optional=True, doc="ids of the items to append; alone: which are present"),
+            Tensor("TOKENS", "FP32", (-1, "P", "D"), optional=True, doc="the items' image TOKENS"),
+            Tensor("POOLED", "FP32", (-1, "E"), optional=True, doc="the items' image POOLED"),
+            Tensor("ITEM_METADATA", "BYTES", (-1,), optional=True, doc="a JSON object per item"),
+            Tensor("TOKEN_DTYPE", "BYTES", (1,), optional=True, doc="float16 (default) or int8, for a new gallery")),
     outputs=(Tensor("IDS", "BYTES", (-1, -1)), Tensor("SCORES", "FP32", (-1, -1), doc="s_T, best first"),
              Tensor("METADATA", "BYTES", (-1, -1), doc="JSON per hit"),
-             Tensor("INFO", "BYTES", (1,), doc="JSON: gallery, mode, timings; or the reload / status answer")),
-    doc="top-k gallery search by late interaction (TEXT), a gallery reload (RELOAD), or a status request (neither)",
+             Tensor("INFO", "BYTES", (1,), doc="JSON: gallery, mode, timings; or the reload / append / status answer")),
+    doc="top-k gallery search by late interaction (TEXT), a gallery reload (RELOAD), an append to a gallery "
+        "(APPEND), or a status request (none of them)",
 )
 
 MODELS: Mapping[str, Model] = {m.name: m for m in (TEXT, IMAGE, SCORE, SEARCH)}
