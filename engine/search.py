@@ -5,11 +5,11 @@ Ranking is by FILIP's text-to-image score (FILIP.md):
     s_T(image, text) = (1/n2) * sum_r max_k <x_k, y_r>      (r over the text's real tokens)
 
 - **exact**: every gallery item is scored.  Chunks of 200 images, as stored (fp16, or int8
-  with per-token scales), go through one small ONNX Runtime graph (:class:`MaxSimKernel`):
-  cast to fp32 in cache, one GEMM against all queries' real tokens at once (fp32
-  accumulation), max over patches, and the per-query mean as a product with a
-  [L, n_queries] averaging matrix (so no padded query token is ever computed).  ONNX
-  Runtime's thread pool uses every core.
+  with per-token scales), go through the MaxSim kernel of engine/maxsim.py on ONNX Runtime
+  (:class:`MaxSimKernel`, shared with pair scoring): cast to fp32 in cache, one GEMM
+  against all queries' real tokens at once (fp32 accumulation), max over patches, and the
+  per-query mean as a product with a [L, n_queries] averaging matrix (so no padded query
+  token is ever computed).  ONNX Runtime's thread pool uses every core.
 - **two_stage**: a first stage proposes ``candidates`` items per query, which are then
   re-ranked exactly.  The default first stage is faiss's exact inner-product index over
   each item's token centroid (the mean of its patch tokens) queried with the mean of the
@@ -19,8 +19,8 @@ Ranking is by FILIP's text-to-image score (FILIP.md):
 
 Why the kernel is hand-written: faiss and vector databases score single vectors (or, for
 multi-vector, ColBERT's sum of maxima with their own masks and no fp16/int8 MaxSim over a
-memory-mapped gallery); engine/interaction.py computes both directions for scoring pairs.
-Search needs only s_T, streamed over a memory map, with a running top-k.
+memory-mapped gallery); engine/maxsim.py says more.  Search needs only s_T, streamed over a
+memory map, with a running top-k.
 """
 from __future__ import annotations
 
@@ -33,116 +33,19 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from filip_contract.gallery_reader import Gallery
+from filip_contract.gallery_writer import GalleryWriter
+from filip_contract.limits import (DEFAULT_CANDIDATES, DEFAULT_K, DEFAULT_MODE, MAX_CANDIDATES, MAX_K, MAX_QUERIES,
+                                   SEARCH_MODES)
+
 from .errors import FilipError, GalleryError, InvalidInputError
-from .gallery import Gallery
+from .maxsim import MaxSimKernel, Queries
 from .serving import utf8
 
-MODES = ("exact", "two_stage")
 CHUNK_IMAGES = 200                # ~5 MB of fp16 B/32 tokens per kernel call (measured best: 100-200)
-DEFAULT_CANDIDATES = 2000
 
 
-# --- the kernel ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Queries:
-    """Queries as the kernel wants them: the real tokens of all queries stacked (transposed),
-    and the averaging matrix that turns per-token maxima into each query's s_T."""
-    tokens_t: np.ndarray          # [D, L] fp32, L = sum of lengths (only real tokens)
-    average: np.ndarray           # [L, nq] fp32, 1/n2 where token l belongs to query q
-    mean: np.ndarray              # [nq, D] fp32 mean of each query's real tokens (first stage)
-    n: int
-
-    @property
-    def dim(self) -> int:
-        return self.tokens_t.shape[0]
-
-    @classmethod
-    def from_tokens(cls, tokens: np.ndarray, lengths: np.ndarray) -> "Queries":
-        t = np.asarray(tokens)
-        lengths = np.asarray(lengths).reshape(-1)
-        problems = []
-        if t.ndim != 3 or 0 in t.shape or t.dtype.kind != "f":
-            problems.append(f"query tokens must be a float [nq, T, D] array, got {t.dtype} {list(t.shape)}")
-        elif lengths.shape != (t.shape[0],) or lengths.dtype.kind not in "iu":
-            problems.append(f"query lengths must be {t.shape[0]} integers, got {lengths.dtype} {list(lengths.shape)}")
-        elif lengths.min() < 1 or lengths.max() > t.shape[1]:
-            problems.append(f"query lengths must lie in [1, {t.shape[1]}], got {lengths.min()}..{lengths.max()}")
-        if problems:
-            raise InvalidInputError("; ".join(problems))
-        rows = [np.asarray(t[q, :n], np.float32) for q, n in enumerate(lengths)]
-        if not all(np.isfinite(r).all() for r in rows):
-            raise InvalidInputError("query tokens contain NaN or Inf")
-        stacked = np.concatenate(rows)
-        owner = np.repeat(np.arange(len(lengths)), lengths)
-        avg = np.zeros((len(stacked), len(lengths)), np.float32)
-        avg[np.arange(len(stacked)), owner] = 1.0 / lengths[owner]
-        mean = np.stack([r.mean(axis=0) for r in rows]).astype(np.float32)
-        return cls(np.ascontiguousarray(stacked.T), avg, mean, len(lengths))
-
-    def one(self, i: int) -> "Queries":
-        """Query ``i`` alone."""
-        mine = self.average[:, i] > 0
-        return Queries(np.ascontiguousarray(self.tokens_t[:, mine]), self.average[mine][:, i:i + 1],
-                       self.mean[i:i + 1], 1)
-
-
-def _kernel_graph(token_dtype: str, tokens: int, dim: int) -> bytes:
-    """The MaxSim kernel as an ONNX graph: Cast(X) @ QT -> (x scale) -> max over patches -> @ AVG.
-
-    X [c, P, D] fp16 or int8 (+ S [c, P, 1] scales), QT [D, L], AVG [L, nq] -> [c, nq]."""
-    from onnx import TensorProto as TP
-    from onnx import helper
-
-    src = {"float16": TP.FLOAT16, "int8": TP.INT8}[token_dtype]
-    inputs = [helper.make_tensor_value_info("X", src, ["c", tokens, dim]),
-              helper.make_tensor_value_info("QT", TP.FLOAT, [dim, "L"]),
-              helper.make_tensor_value_info("AVG", TP.FLOAT, ["L", "nq"])]
-    nodes = [helper.make_node("Cast", ["X"], ["Xf"], to=TP.FLOAT),
-             helper.make_node("MatMul", ["Xf", "QT"], ["Sim"])]
-    sim = "Sim"
-    if token_dtype == "int8":
-        # <scale * q, y> = scale * <q, y>: scaling the [c, P, L] products is D/L times cheaper
-        # than dequantising the [c, P, D] tokens first.
-        inputs.append(helper.make_tensor_value_info("S", TP.FLOAT, ["c", tokens, 1]))
-        nodes.append(helper.make_node("Mul", ["Sim", "S"], ["SimS"]))
-        sim = "SimS"
-    nodes += [helper.make_node("ReduceMax", [sim, "axes"], ["Best"], keepdims=0),
-              helper.make_node("MatMul", ["Best", "AVG"], ["Y"])]
-    graph = helper.make_graph(nodes, "filip_maxsim", inputs,
-                              [helper.make_tensor_value_info("Y", TP.FLOAT, ["c", "nq"])],
-                              [helper.make_tensor("axes", TP.INT64, [1], [1])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    return model.SerializeToString()
-
-
-class MaxSimKernel:
-    """s_T of stored (fp16 or int8) image tokens for a batch of queries, on ONNX Runtime.
-
-    Why ONNX Runtime: its MLAS GEMM handles this narrow shape ([c*P, D] x [D, L], L ~ 16)
-    far better than the BLAS behind torch here.  Measured on the 2-core machine, 40,000 B/32
-    fp16 images x one 16-token query: 106 ms (9.5 GB/s of gallery, 152 GFLOP/s) in chunks of
-    200 images, against 222-290 ms for torch (4.3-4.5 GB/s) in the best chunking and threading
-    found.  The Cast runs in cache per chunk, so the fp16 gallery is read once."""
-
-    def __init__(self, token_dtype: str, tokens: int, dim: int, threads: int | None = None):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(_kernel_graph(token_dtype, tokens, dim), sess_options=opts,
-                                            providers=["CPUExecutionProvider"])
-        self.int8 = token_dtype == "int8"
-
-    def __call__(self, tokens: np.ndarray, scales: np.ndarray | None, q: Queries) -> np.ndarray:
-        """tokens [c, P, D] as stored (+ scales [c, P] for int8) -> s_T [nq, c]."""
-        feeds = {"X": tokens, "QT": q.tokens_t, "AVG": q.average}
-        if self.int8:
-            feeds["S"] = np.ascontiguousarray(scales)[:, :, None]
-        return self.session.run(["Y"], feeds)[0].T
-
-
+# --- the kernel (engine/maxsim.py) ----------------------------------------------------------------
 def exact_scores(gallery: Gallery, q: Queries, *, kernel: MaxSimKernel | None = None,
                  chunk_images: int = CHUNK_IMAGES) -> np.ndarray:
     """s_T of every gallery item for every query -> fp32 [nq, N] (the whole gallery streamed once)."""
@@ -253,10 +156,10 @@ class Searcher:
         self.stage = stage if stage is not None else CentroidStage(gallery, first_stage)
         self.stage_build_ms = (time.perf_counter() - t) * 1e3
 
-    def search(self, q: Queries, k: int = 10, *, mode: str = "exact", candidates: int = DEFAULT_CANDIDATES,
+    def search(self, q: Queries, k: int = DEFAULT_K, *, mode: str = DEFAULT_MODE, candidates: int = DEFAULT_CANDIDATES,
                allowed_ids: Sequence[str] | None = None) -> Hits:
-        if mode not in MODES:
-            raise InvalidInputError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode not in SEARCH_MODES:
+            raise InvalidInputError(f"mode must be one of {SEARCH_MODES}, got {mode!r}")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise InvalidInputError(f"k must be a positive integer, got {k!r}")
         if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
@@ -295,10 +198,6 @@ def _ms(t0: float) -> float:
 
 
 # --- the served endpoint ---------------------------------------------------------------------------
-MAX_QUERIES = 64
-MAX_K = 1000
-MAX_CANDIDATES = 100_000
-
 EmbedTexts = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
 
 
@@ -323,6 +222,16 @@ def _strings(raw, what: str) -> list[str]:
     return [utf8(v, f"{what}[{i}]") for i, v in enumerate(np.asarray(raw, dtype=object).reshape(-1))]
 
 
+def _json_object(text: str, what: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise InvalidInputError(f"{what} is not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 def _check_name(name: str) -> str:
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
         raise InvalidInputError(f"gallery name {name!r} must be a plain folder name under the gallery root")
@@ -333,11 +242,13 @@ class SearchEndpoint:
     """filip_search: loads the gallery ``<gallery_root>/<gallery>`` at start and on request.
 
     A request carries RELOAD (a gallery name: load it, verify it, swap it in; on any
-    problem the previous gallery stays and the request fails with the reason), or nothing
-    but optional inputs (a status request: INFO on the served gallery), or TEXT
-    (queries, embedded by ``embed_texts``, i.e. the text front end) with optional K, MODE,
-    CANDIDATES and ALLOWED_IDS.  Outputs: IDS, SCORES, METADATA (JSON per hit) [nq, k'] and
-    INFO (JSON: gallery, mode, timings)."""
+    problem the previous gallery stays and the request fails with the reason), or APPEND
+    (a gallery name: with TOKENS, POOLED, ITEM_IDS and ITEM_METADATA, one segment appended to
+    that gallery under the gallery root, written here with the contract's writer; with
+    ITEM_IDS alone, which of them it holds), or TEXT (queries, embedded by ``embed_texts``,
+    i.e. the text front end) with optional K, MODE, CANDIDATES and ALLOWED_IDS, or none of
+    them (a status request: INFO on the served gallery).  Outputs: IDS, SCORES, METADATA
+    (JSON per hit) [nq, k'] and INFO (JSON: gallery, mode, timings; or the answer)."""
 
     def __init__(self, version_dir: Path | None, params: dict[str, str], embed_texts: EmbedTexts):
         root = os.environ.get("FILIP_GALLERY_ROOT") or params.get("gallery_root") or ""
@@ -374,10 +285,32 @@ class SearchEndpoint:
         self.searcher, self.name, self.load_error = searcher, name, None
         return {**searcher.gallery.info(), "name": name, "load_ms": round(_ms(t), 1)}
 
+    def append(self, inputs: dict) -> dict:
+        """APPEND: one segment into ``<root>/<name>`` (created if missing), or with ITEM_IDS
+        alone the ids of those the gallery holds.  The writer is the one clients use too
+        (one writer at a time: a gallery being written elsewhere is refused)."""
+        name = _check_name(_scalar_str(inputs["APPEND"], "APPEND"))
+        ids = _strings(inputs["ITEM_IDS"], "ITEM_IDS") if inputs.get("ITEM_IDS") is not None else []
+        token_dtype = _scalar_str(inputs["TOKEN_DTYPE"], "TOKEN_DTYPE") if inputs.get("TOKEN_DTYPE") is not None else "float16"
+        given = [k for k in ("TOKENS", "POOLED", "ITEM_METADATA") if inputs.get(k) is not None]
+        if given and not {"TOKENS", "POOLED"} <= set(given):
+            raise InvalidInputError(f"APPEND needs TOKENS and POOLED together (ITEM_METADATA optional), got {given}")
+        with GalleryWriter(self.root / name, token_dtype=token_dtype) as w:
+            if not given:
+                return {"gallery": name, "count": w.count, "present": [i for i in ids if i in w]}
+            meta = None
+            if inputs.get("ITEM_METADATA") is not None:
+                meta = [_json_object(m, f"ITEM_METADATA[{j}]") for j, m in enumerate(_strings(inputs["ITEM_METADATA"], "ITEM_METADATA"))]
+            t = time.perf_counter()
+            count = w.add(ids, inputs["TOKENS"], inputs["POOLED"], meta)
+            return {"gallery": name, "added": len(ids), "count": count, "write_ms": round(_ms(t), 1)}
+
     def _search(self, inputs: dict) -> dict[str, np.ndarray]:
         if inputs.get("RELOAD") is not None:
             info = self.reload(_scalar_str(inputs["RELOAD"], "RELOAD"))
             return {"INFO": np.array([json.dumps(info).encode()], dtype=object)}
+        if inputs.get("APPEND") is not None:
+            return {"INFO": np.array([json.dumps(self.append(inputs)).encode()], dtype=object)}
         if inputs.get("TEXT") is None:       # a status request: which gallery is served (also the health canary)
             status = {"name": self.name, "root": str(self.root), "load_error": self.load_error,
                       **(self.searcher.gallery.info() if self.searcher is not None else {})}
@@ -388,13 +321,13 @@ class SearchEndpoint:
         texts = _strings(inputs["TEXT"], "TEXT")
         if not 1 <= len(texts) <= MAX_QUERIES:
             raise InvalidInputError(f"{len(texts)} queries in one request; give 1 to {MAX_QUERIES}")
-        k = _scalar_int(inputs["K"], "K", 1, MAX_K) if inputs.get("K") is not None else 10
-        mode = _scalar_str(inputs["MODE"], "MODE") if inputs.get("MODE") is not None else "exact"
+        k = _scalar_int(inputs["K"], "K", 1, MAX_K) if inputs.get("K") is not None else DEFAULT_K
+        mode = _scalar_str(inputs["MODE"], "MODE") if inputs.get("MODE") is not None else DEFAULT_MODE
         cands = (_scalar_int(inputs["CANDIDATES"], "CANDIDATES", 1, MAX_CANDIDATES)
                  if inputs.get("CANDIDATES") is not None else DEFAULT_CANDIDATES)
         allowed = _strings(inputs["ALLOWED_IDS"], "ALLOWED_IDS") if inputs.get("ALLOWED_IDS") is not None else None
-        if mode not in MODES:
-            raise InvalidInputError(f"MODE must be one of {MODES}, got {mode!r}")
+        if mode not in SEARCH_MODES:
+            raise InvalidInputError(f"MODE must be one of {SEARCH_MODES}, got {mode!r}")
         searcher = self.searcher
         t = time.perf_counter()
         tokens, lengths = self.embed_texts(texts)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 
 from tools.bench import LatencyStats, is_stable, main as bench_main, server_split

@@ -1,5 +1,6 @@
-"""Late interaction, zero-shot scores and alignment maps: the chunked torch implementation
-(engine.interaction) against the slow NumPy reference (engine.interaction_ref)."""
+"""Late interaction, zero-shot scores and alignment maps: both backends of engine.interaction
+(numpy inputs on the ONNX Runtime kernel of engine.maxsim, torch tensors on torch) against
+the slow NumPy reference (engine.interaction_ref)."""
 from __future__ import annotations
 
 import math
@@ -8,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from engine import interaction
-from engine.errors import InvalidInputError
-from engine.interaction import (DEFAULT_TEMPLATES, alignment_map, build_prompts, chunk_bytes, late_interaction,
+from filip_engine import interaction
+from filip_engine.errors import InvalidInputError
+from filip_engine.interaction import (DEFAULT_TEMPLATES, alignment_map, build_prompts, chunk_bytes, late_interaction,
                                 plan_chunks, zero_shot_scores)
-from engine.interaction_ref import alignment_ref, s_i_ref, s_t_ref, scores_ref, zero_shot_ref
+from filip_engine.interaction_ref import alignment_ref, s_i_ref, s_t_ref, scores_ref, zero_shot_ref
 
 # fp32 inputs: the fast path differs from the float64 reference only by fp32 rounding of the
 # D-term dot products, the sums over tokens and the mean: ~1e-7 observed.
@@ -95,10 +96,14 @@ def test_return_tensors_and_input_kinds():
     rng = np.random.default_rng(11)
     il, tl = _lengths(rng, 3, 6), _lengths(rng, 2, 5)
     it, tt = _tokens(rng, 3, 6, 8, il), _tokens(rng, 2, 5, 8, tl)
-    base = late_interaction(it, il, tt, tl)
+    base = late_interaction(it, il, tt, tl)                       # numpy: the ONNX Runtime kernel
     t = late_interaction(torch.from_numpy(it), torch.from_numpy(il), torch.from_numpy(tt), tl, return_tensors=True)
     assert isinstance(t.s_i, torch.Tensor) and t.s_i.dtype == torch.float32 and t.s_i.device == torch.device("cpu")
-    assert np.array_equal(t.s_i.numpy(), base.s_i) and np.array_equal(t.s_t.numpy(), base.s_t)
+    # tensors take the torch path: return_tensors changes no number of it, and the two
+    # backends differ only in fp32 GEMM and reduction order
+    on_torch = late_interaction(torch.from_numpy(it), il, torch.from_numpy(tt), tl)
+    assert np.array_equal(t.s_i.numpy(), on_torch.s_i) and np.array_equal(t.s_t.numpy(), on_torch.s_t)
+    assert _max_diff(on_torch, base.s_i, base.s_t) <= ATOL_SAME
     for cast in (np.uint8, np.int16, np.int32, np.uint64, list, lambda v: torch.from_numpy(v).to(torch.int32)):
         other = late_interaction(it, cast(il), tt, cast(tl))
         assert np.array_equal(other.s_i, base.s_i) and np.array_equal(other.s_t, base.s_t)
@@ -310,9 +315,10 @@ def test_build_prompts_order():
             build_prompts(labels, templates)
 
 
-def test_default_templates_agree_with_the_client():
-    protocol = pytest.importorskip("client._protocol")
-    assert tuple(protocol.DEFAULT_TEMPLATES) == DEFAULT_TEMPLATES
+def test_default_templates_are_the_contracts():
+    import filip_client
+    from filip_contract import prompts
+    assert filip_client.DEFAULT_TEMPLATES is DEFAULT_TEMPLATES is prompts.DEFAULT_TEMPLATES
 
 
 # --- word-patch alignment ---------------------------------------------------------------------------
@@ -395,6 +401,146 @@ def test_empty_gallery_gives_empty_scores():
     rng = np.random.default_rng(13)
     s = late_interaction(np.zeros((0, 49, 8), F32), np.zeros(0, np.int32), _tokens(rng, 2, 5, 8, [5, 3]), [5, 3])
     assert s.s_i.shape == s.s_t.shape == (0, 2)
+
+
+# --- the two backends --------------------------------------------------------------------------
+@pytest.fixture
+def onnx_calls(monkeypatch):
+    """Every chunk the ONNX Runtime kernel scores: (x dtype, ci, cj, x masked, y masked)."""
+    calls = []
+    real = interaction.pair_scores
+
+    def recording(x, x_valid, n1, y, y_valid, n2):
+        calls.append((x.dtype, x.shape[0], y.shape[0], x_valid is not None, y_valid is not None))
+        return real(x, x_valid, n1, y, y_valid, n2)
+
+    monkeypatch.setattr(interaction, "pair_scores", recording)
+    return calls
+
+
+ONNX_CASES = [  # n_img, T_img, n_txt, T_txt, D, chunks (None: one chunk), lengths ("ragged", "full", "one")
+    (1, 1, 1, 1, 4, None, "full"), (1, 49, 1, 77, 16, None, "one"), (6, 9, 5, 7, 8, None, "ragged"),
+    (17, 49, 11, 16, 32, (4, 3), "ragged"), (17, 49, 11, 16, 32, (4, 3), "full"), (17, 49, 11, 16, 32, (4, 3), "one"),
+    (9, 16, 30, 77, 16, (1, 1), "ragged"), (8, 49, 8, 20, 64, (8, 8), "ragged"), (8, 49, 8, 20, 64, (7, 1), "ragged"),
+    (25, 49, 3, 16, 256, (6, 2), "ragged"), (40, 256, 2, 77, 32, (13, 2), "ragged"),
+]
+
+
+def _case_lengths(rng, n, t, kind):
+    if kind == "ragged":
+        return _lengths(rng, n, t)
+    return np.full(n, t if kind == "full" else 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+@pytest.mark.parametrize("ni, t1, nt, t2, d, chunks, kind", ONNX_CASES)
+def test_onnx_path_congruent_with_reference(onnx_calls, ni, t1, nt, t2, d, chunks, kind, dtype):
+    rng = np.random.default_rng(ni * 7 + nt * 3 + d + t2)
+    il, tl = _case_lengths(rng, ni, t1, kind), _case_lengths(rng, nt, t2, kind)
+    if kind == "ragged":                          # one length-1 item on each side as well
+        il[rng.integers(0, ni)], tl[rng.integers(0, nt)] = 1, 1
+        il[0], tl[0] = t1, t2
+    it, tt = _tokens(rng, ni, t1, d, il, pad=np.nan, dtype=dtype), _tokens(rng, nt, t2, d, tl, pad=np.nan, dtype=dtype)
+    budget = chunk_bytes(*chunks, t1, t2, d) if chunks else interaction.DEFAULT_MAX_CHUNK_BYTES
+    got = late_interaction(it, il, tt, tl, max_chunk_bytes=budget)
+    assert got.s_i.dtype == got.s_t.dtype == np.float32 and got.s_i.shape == (ni, nt)
+    assert np.isfinite(got.s_i).all() and np.isfinite(got.s_t).all()
+    ref_i, ref_t = scores_ref(it.astype(np.float64), il, tt.astype(np.float64), tl)
+    assert _max_diff(got, ref_i, ref_t) <= (ATOL_HALF if dtype == np.float16 else ATOL_FP32)
+    plan = plan_chunks(ni, t1, nt, t2, d, budget, convert_images=dtype != np.float32)
+    assert len(onnx_calls) == math.ceil(ni / plan.images) * math.ceil(nt / plan.texts)   # every chunk on ORT
+    assert all(x_dtype == dtype for x_dtype, *_ in onnx_calls)                 # images reach it as stored
+    assert sum(ci * cj for _, ci, cj, _, _ in onnx_calls) == ni * nt
+    if kind == "full":                                                         # masks only where padding is
+        assert not any(mx or my for *_, mx, my in onnx_calls)
+    if chunks is None:
+        whole = got
+    else:
+        whole = late_interaction(it, il, tt, tl)
+        assert _max_diff(got, whole.s_i, whole.s_t) <= ATOL_SAME               # chunking changes nothing
+    on_torch = late_interaction(torch.from_numpy(it), il, torch.from_numpy(tt), tl, max_chunk_bytes=budget)
+    assert _max_diff(on_torch, whole.s_i, whole.s_t) <= ATOL_SAME              # the backends agree
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+@pytest.mark.parametrize("garbage", [0.0, 50.0, -1e30, np.inf, -np.inf, np.nan])
+def test_onnx_path_ignores_padding_content(onnx_calls, dtype, garbage):
+    rng = np.random.default_rng(15)
+    il, tl = np.array([10, 1, 7, 10, 3]), np.array([8, 1, 5, 8])
+    clean_a, clean_b = _tokens(rng, 5, 10, 16, il, dtype=dtype), _tokens(rng, 4, 8, 16, tl, dtype=dtype)
+    real_a, real_b = np.arange(10)[None, :] < il[:, None], np.arange(8)[None, :] < tl[:, None]
+    noisy_a, noisy_b = clean_a.copy(), clean_b.copy()
+    with np.errstate(over="ignore"):             # -1e30 is -inf in fp16
+        noisy_a[~real_a], noisy_b[~real_b] = garbage, garbage
+    kept_a, kept_b = noisy_a.copy(), noisy_b.copy()
+    ref_i, ref_t = scores_ref(clean_a.astype(np.float64), il, clean_b.astype(np.float64), tl)
+    for budget in (interaction.DEFAULT_MAX_CHUNK_BYTES, chunk_bytes(2, 3, 10, 8, 16), chunk_bytes(1, 1, 10, 8, 16)):
+        clean = late_interaction(clean_a, il, clean_b, tl, max_chunk_bytes=budget)
+        noisy = late_interaction(noisy_a, il, noisy_b, tl, max_chunk_bytes=budget)
+        assert np.isfinite(noisy.s_i).all() and np.isfinite(noisy.s_t).all()
+        assert _max_diff(noisy, clean.s_i, clean.s_t) <= ATOL_SAME
+        assert _max_diff(noisy, ref_i, ref_t) <= (ATOL_HALF if dtype == np.float16 else ATOL_FP32)
+    assert onnx_calls and any(mx and my for *_, mx, my in onnx_calls)
+    np.testing.assert_array_equal(noisy_a, kept_a)     # inputs are never written to
+    np.testing.assert_array_equal(noisy_b, kept_b)
+
+
+def _old_torch_scores(it, il, tt, tl):
+    """The torch scorer as it was before the ONNX Runtime kernel (one chunk), for regression."""
+    x, y = it.to(torch.float32), tt.to(torch.float32)
+    (ci, t1, d), (cj, t2, _) = x.shape, y.shape
+    x_valid = torch.arange(t1)[None, :] < torch.as_tensor(il)[:, None]
+    y_valid = torch.arange(t2)[None, :] < torch.as_tensor(tl)[:, None]
+    sim = (x.reshape(ci * t1, d) @ y.reshape(cj * t2, d).T).view(ci, t1, cj, t2)
+    sim.masked_fill_(~y_valid[None, None], float("-inf"))
+    best_r = sim.amax(dim=3).masked_fill_(~x_valid[:, :, None], 0.0)
+    sim.masked_fill_(~x_valid[:, :, None, None], float("-inf"))
+    best_k = sim.amax(dim=1).masked_fill_(~y_valid[None], 0.0)
+    n1, n2 = torch.as_tensor(il, dtype=torch.float32), torch.as_tensor(tl, dtype=torch.float32)
+    return (best_r.sum(dim=1) / n1[:, None]).numpy(), (best_k.sum(dim=2) / n2[None, :]).numpy()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_torch_inputs_take_the_torch_path_unchanged(onnx_calls, dtype):
+    rng = np.random.default_rng(17)
+    il, tl = np.array([12, 5, 1, 12]), np.array([9, 1, 4])
+    it = torch.from_numpy(_tokens(rng, 4, 12, 16, il, pad=np.nan)).to(dtype)
+    tt = torch.from_numpy(_tokens(rng, 3, 9, 16, tl, pad=np.nan)).to(dtype)
+    with torch.inference_mode():
+        old_i, old_t = _old_torch_scores(it, il, tt, tl)
+    got = late_interaction(it, il, tt, tl)
+    assert isinstance(got.s_i, np.ndarray) and np.array_equal(got.s_i, old_i) and np.array_equal(got.s_t, old_t)
+    ref_i, ref_t = scores_ref(it.double().numpy(), il, tt.double().numpy(), tl)
+    assert _max_diff(got, ref_i, ref_t) <= (ATOL_FP32 if dtype in (torch.float32, torch.float64) else ATOL_HALF)
+    mixed = late_interaction(it.float().numpy() if dtype == torch.float32 else it, il, tt, tl)   # one tensor is enough
+    assert np.array_equal(mixed.s_i, old_i) and np.array_equal(mixed.s_t, old_t)
+    assert onnx_calls == []                                                    # nothing went through ORT
+    zs = zero_shot_scores(it, il, tt, tl, n_classes=3, n_templates=1)
+    assert np.abs(zs - ref_i).max() <= (ATOL_FP32 if dtype in (torch.float32, torch.float64) else ATOL_HALF)
+
+
+def test_numpy_inputs_with_return_tensors_use_torch():
+    rng = np.random.default_rng(18)
+    it, tt = _tokens(rng, 3, 6, 8, [6, 2, 4]), _tokens(rng, 2, 5, 8, [5, 1])
+    t = late_interaction(it, [6, 2, 4], tt, [5, 1], return_tensors=True)
+    assert isinstance(t.s_i, torch.Tensor) and isinstance(t.s_t, torch.Tensor)
+    assert _max_diff(late_interaction(it, [6, 2, 4], tt, [5, 1]), t.s_i.numpy(), t.s_t.numpy()) <= ATOL_SAME
+
+
+def test_importing_interaction_and_search_does_not_import_torch():
+    import subprocess
+    import sys
+    code = ("import sys, filip_engine.interaction, filip_engine.search; "
+            "assert 'torch' not in sys.modules, 'torch was imported'; "
+            "import numpy as np; "
+            "from filip_engine.interaction import late_interaction, zero_shot_scores, alignment_map; "
+            "x = np.ones((2, 3, 4), np.float16); y = np.ones((3, 2, 4), np.float32); "
+            "s = late_interaction(x, [3, 1], y, [2, 1, 2]); assert s.s_i.shape == (2, 3); "
+            "zero_shot_scores(x, [3, 1], y, [2, 1, 2], n_classes=3, n_templates=1, mode='softmax'); "
+            "alignment_map(x[0], 3, y[0], 2); "
+            "assert 'torch' not in sys.modules, 'scoring numpy imported torch'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
 
 
 # --- GPU ----------------------------------------------------------------------------------------

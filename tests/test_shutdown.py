@@ -8,7 +8,6 @@ import signal
 import threading
 import time
 
-import numpy as np
 from PIL import Image
 
 from filip_client import FilipClient
