@@ -115,7 +115,7 @@ def _positive(obj, *names: str) -> None:
 
 
 # Presets.  "tiny" exists for tests (a forward pass in milliseconds); the others are the
-# paper's sizes with D = 256 (FILIP.md).
+# paper's sizes with D = 256 (Yao et al., FILIP, arXiv 2111.07783).
 PRESETS: dict[str, FilipConfig] = {
     "tiny": FilipConfig(
         vision=VisionConfig(image_size=32, patch_size=8, width=64, layers=2, heads=2),

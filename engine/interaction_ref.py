@@ -2,7 +2,7 @@
 
 This is the specification :mod:`filip_engine.interaction` is tested against; it is written for
 reading, not for speed.  ``x`` is one image's real patch tokens [n1, D] and ``y`` one text's
-real tokens [n2, D] (SOT and EOT included, padding already cut off).  See FILIP.md.
+real tokens [n2, D] (SOT and EOT included, padding already cut off); docs/ARCHITECTURE.md, "Late interaction".
 """
 from __future__ import annotations
 

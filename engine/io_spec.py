@@ -41,7 +41,7 @@ class Tolerance:
     min_cosine: float
 
 
-# fp32 gates of the ONNX export (engine-core issue): per-token cosine and max abs error.
+# fp32 gates of the ONNX export: per-token cosine and max abs error.
 FP32_TOLERANCE = Tolerance(max_abs=1e-4, min_cosine=0.99999)
 
 

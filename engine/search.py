@@ -1,6 +1,6 @@
 """Late-interaction search over a gallery: exact MaxSim and two-stage, plus the served endpoint.
 
-Ranking is by FILIP's text-to-image score (FILIP.md):
+Ranking is by FILIP's text-to-image score (docs/ARCHITECTURE.md, "Late interaction"):
 
     s_T(image, text) = (1/n2) * sum_r max_k <x_k, y_r>      (r over the text's real tokens)
 
@@ -140,9 +140,17 @@ class CentroidStage:
 # --- search --------------------------------------------------------------------------------------
 @dataclass
 class Hits:
-    rows: np.ndarray              # [nq, k'] int64 gallery rows, best first
-    scores: np.ndarray            # [nq, k'] float32 s_T
+    """Each query's hits, best first, padded to the longest: query i has ``counts[i]`` hits,
+    rows[i, :counts[i]] and scores[i, :counts[i]]; past them rows are -1 and scores -inf.
+    A query's hits are what it gets when searched alone."""
+    rows: np.ndarray              # [nq, k'] int64 gallery rows (-1: padding)
+    scores: np.ndarray            # [nq, k'] float32 s_T (-inf: padding)
+    counts: np.ndarray            # [nq] int64 real hits per query
     timings_ms: dict = field(default_factory=dict)
+
+    @classmethod
+    def uniform(cls, rows: np.ndarray, scores: np.ndarray, timings_ms: dict) -> "Hits":
+        return cls(rows, scores, np.full(rows.shape[0], rows.shape[1], np.int64), timings_ms)
 
 
 class Searcher:
@@ -172,7 +180,7 @@ class Searcher:
         if allowed is not None and len(allowed) <= max(candidates, g.count // 4):
             # Few allowed items: scoring them all exactly is cheaper than any first stage.
             cols, vals = _top_k(scores_of_rows(g, allowed, q, kernel=self.kernel), k)
-            return Hits(allowed[cols] if len(allowed) else cols, vals, {"exact": _ms(t0)})
+            return Hits.uniform(allowed[cols] if len(allowed) else cols, vals, {"exact": _ms(t0)})
         if mode == "exact":
             s = exact_scores(g, q, kernel=self.kernel)
             if allowed is not None:
@@ -180,17 +188,17 @@ class Searcher:
                 keep[allowed] = True
                 s[:, ~keep] = -np.inf
             cols, vals = _top_k(s, min(k, g.count if allowed is None else len(allowed)))
-            return Hits(cols, vals, {"exact": _ms(t0)})
+            return Hits.uniform(cols, vals, {"exact": _ms(t0)})
         cands = self.stage.candidates(q, candidates, allowed)
         t1 = time.perf_counter()
-        kk = min([k] + [len(c) for c in cands])
-        rows = np.zeros((q.n, kk), np.int64)
-        vals = np.zeros((q.n, kk), np.float32)
+        counts = np.array([min(k, len(c)) for c in cands], np.int64)   # a query may get fewer candidates than k
+        rows = np.full((q.n, int(counts.max(initial=0))), -1, np.int64)
+        vals = np.full(rows.shape, -np.inf, np.float32)
         for i, c in enumerate(cands):      # each query re-ranks its own candidates only
             c = np.sort(c)
-            cols, v = _top_k(scores_of_rows(g, c, q.one(i), kernel=self.kernel), kk)
-            rows[i], vals[i] = c[cols[0]], v[0]
-        return Hits(rows, vals, {"first_stage": (t1 - t0) * 1e3, "rerank": _ms(t1)})
+            cols, v = _top_k(scores_of_rows(g, c, q.one(i), kernel=self.kernel), int(counts[i]))
+            rows[i, :counts[i]], vals[i, :counts[i]] = c[cols[0]], v[0]
+        return Hits(rows, vals, counts, {"first_stage": (t1 - t0) * 1e3, "rerank": _ms(t1)})
 
 
 def _ms(t0: float) -> float:
@@ -334,13 +342,16 @@ class SearchEndpoint:
         embed_ms = _ms(t)
         hits = searcher.search(Queries.from_tokens(tokens, lengths), k, mode=mode, candidates=cands, allowed_ids=allowed)
         g = searcher.gallery
-        ids = np.array([[g.ids[r].encode() for r in row] for row in hits.rows], dtype=object).reshape(hits.rows.shape)
-        meta = np.array([[json.dumps(g.metadata(r)).encode() for r in row] for row in hits.rows],
+        # padding past a query's COUNTS: id "" and metadata "{}" (and score -inf)
+        ids = np.array([[g.ids[r].encode() if r >= 0 else b"" for r in row] for row in hits.rows],
+                       dtype=object).reshape(hits.rows.shape)
+        meta = np.array([[json.dumps(g.metadata(r)).encode() if r >= 0 else b"{}" for r in row] for row in hits.rows],
                         dtype=object).reshape(hits.rows.shape)
         info = {"gallery": self.name, "count": g.count, "mode": mode, "k": int(hits.rows.shape[1]),
                 "candidates": cands if mode == "two_stage" else None,
                 "timings_ms": {"embed": round(embed_ms, 2), **{a: round(b, 2) for a, b in hits.timings_ms.items()}}}
         return {"IDS": ids, "SCORES": hits.scores.astype(np.float32), "METADATA": meta,
+                "COUNTS": hits.counts.astype(np.int32),
                 "INFO": np.array([json.dumps(info).encode()], dtype=object)}
 
     def __call__(self, requests: Sequence[dict]) -> list[dict[str, np.ndarray] | FilipError]:

@@ -46,9 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue-size", type=int, default=256,
                    help="requests queued per encoder model before new ones are refused as UNAVAILABLE (default 256)")
     p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
-                   help="a per-request limit the server enforces and clients echo (repeatable): "
-                        "max_items_per_request (256), max_text_chars (2000), max_image_bytes (16 MiB), "
-                        "max_image_pixels (40,000,000), max_score_items (100,000)")
+                   help="a per-request limit the server enforces and clients echo (repeatable): " + ", ".join(
+                       f"{k} ({v:,})" for k, v in dataclasses.asdict(ServingLimits()).items()))
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= {MIN_OPSET}, default {DEFAULT_OPSET})")
     return p
 

@@ -44,7 +44,7 @@ from filip_engine.io_spec import Tolerance, TowerSpec, tower_spec
 from filip_export.triton_repo import TRT_MODELS  # Triton model per tower
 
 # --- gates ----------------------------------------------------------------------------------
-# Per-token cosine is the gate of the issue; max_abs is generous because tokens are unit
+# Per-token cosine is the gate that matters; max_abs is generous because tokens are unit
 # vectors (cosine 0.999 allows an element error of a few 1e-2).
 TRT_FP32_TOLERANCE = Tolerance(max_abs=5e-3, min_cosine=0.9999)
 TRT_FP16_TOLERANCE = Tolerance(max_abs=5e-2, min_cosine=0.999)

@@ -106,6 +106,45 @@ def test_ivf_first_stage_recall_and_filter(gallery):
     assert set(filt.rows.ravel()) <= set(allowed)
 
 
+def _same_hits(rows_a, scores_a, rows_b, scores_b, label: str, atol: float = 1e-6) -> None:
+    """The same ranked hits up to the GEMM's rounding (a batch multiplies all queries' tokens
+    at once): equal score sequences within ``atol``, and items may differ or swap only where
+    their scores tie within ``atol``."""
+    np.testing.assert_allclose(scores_a, scores_b, rtol=0, atol=atol, err_msg=label)
+    score_of = dict(zip(rows_a.tolist(), scores_a.tolist())) | dict(zip(rows_b.tolist(), scores_b.tolist()))
+    for j, (a, b) in enumerate(zip(rows_a.tolist(), rows_b.tolist())):
+        assert a == b or abs(score_of[a] - score_of[b]) <= atol, (label, j, a, b)
+    cutoff = float(min(scores_a.min(initial=np.inf), scores_b.min(initial=np.inf)))
+    for r in set(rows_a.tolist()) ^ set(rows_b.tolist()):
+        assert score_of[r] - cutoff <= atol, (label, r)
+
+
+def test_batched_queries_get_what_each_gets_alone(gallery):
+    """A batch of queries returns, per query, exactly its solo result, also when the first
+    stage proposes different numbers of candidates per query (IVF with one probed cell,
+    filters, k beyond a small candidate list)."""
+    from filip_engine.search import CentroidStage
+    qt, ql, _ = load_queries(gallery.path)
+    q = Queries.from_tokens(qt[:8], ql[:8])
+    narrow = Searcher(gallery, stage=CentroidStage(gallery, "ivf", nprobe=1))
+    allowed = [gallery.ids[r] for r in range(0, gallery.count, 7)]
+    cases = [(narrow, dict(mode="two_stage", candidates=2000)),
+             (narrow, dict(mode="two_stage", candidates=2000, allowed_ids=allowed)),
+             (Searcher(gallery), dict(mode="exact")), (Searcher(gallery), dict(mode="exact", allowed_ids=allowed[:30]))]
+    ragged = False
+    for s, kw in cases:
+        batch = s.search(q, 100, **kw)
+        assert batch.rows.shape[0] == q.n and batch.counts.shape == (q.n,)
+        for i in range(q.n):
+            alone = s.search(q.one(i), 100, **kw)
+            n = int(batch.counts[i])
+            assert n == int(alone.counts[0]) and n <= 100, kw
+            _same_hits(batch.rows[i, :n], batch.scores[i, :n], alone.rows[0, :n], alone.scores[0, :n], str((i, kw)))
+            assert (batch.rows[i, n:] == -1).all() and np.isneginf(batch.scores[i, n:]).all()
+        ragged |= len(set(batch.counts.tolist())) > 1
+    assert ragged, "no case gave queries different hit counts: the test would not catch the old truncation"
+
+
 def test_allowed_ids_filter(gallery):
     qt, ql, _ = load_queries(gallery.path)
     q = Queries.from_tokens(qt[:3], ql[:3])

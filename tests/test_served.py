@@ -77,6 +77,18 @@ def test_served_images_equal_pytorch(served, client, tmp_path):
     _same(client.embed_images(inputs), want, "served images vs torch")
 
 
+def test_pil_images_keep_orientation_and_mode_through_the_client(served, client):
+    """A phone photo opened with PIL (EXIF orientation 6) and a CMYK image: served through the
+    client they give what the in-process pipeline gives for the same PIL objects."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(_img(4, 40, 24)).save(buf, format="JPEG", quality=92, exif=exif)
+    rotated = Image.open(io.BytesIO(buf.getvalue()))
+    cmyk = Image.fromarray(_img(5)).convert("CMYK")
+    _same(client.embed_images([rotated, cmyk]), served[1].embed_images([rotated, cmyk]), "PIL rotated + CMYK")
+
+
 def test_served_scores_equal_numpy_reference(client):
     img = client.embed_images([_img(i) for i in range(3)])
     txt = client.embed_texts(TEXTS)

@@ -81,7 +81,7 @@ def test_index_reload_search(setup, capsys):
         filt = c.search(texts[:1], k=5, allowed_ids=allowed)
         assert sorted(x.id for x in filt[0]) == sorted(allowed)
         assert c.search(texts[:1], allowed_ids=[]) == [[]]
-        assert c.last_search_info["gallery"] == "default"
+        assert [i["gallery"] for i in hits.info] == ["default"] and hits.info[0]["mode"] == "exact"
 
         async def run():
             async with AsyncFilipClient(server.url) as ac:

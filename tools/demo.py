@@ -86,7 +86,7 @@ def gallery_search(client: FilipClient, gallery: Path, photos: Path) -> None:
           f"verified in {info['load_ms']} ms")
     queries = ["a red circle", "a blue square", "a photo of a woman in uniform"]
     exact = client.search(queries, k=3)
-    print(f"search (exact, {client.last_search_info['timings_ms']} ms):")
+    print(f"search (exact, {exact.info[0]['timings_ms']} ms):")
     for q, hits in zip(queries, exact):
         print(f"  {q!r}: " + ", ".join(f"{h.id} {h.score:+.4f}" for h in hits))
     two = client.search(queries, k=3, mode="two_stage", candidates=info["count"])

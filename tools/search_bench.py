@@ -159,9 +159,9 @@ def bench_served(repo: Path, root: Path, name: str, *, candidates: int, rounds: 
             for _ in range(rounds):
                 for text in CAPTIONS:
                     t = time.perf_counter()
-                    c.search([text], k=10, mode=mode, candidates=candidates)
+                    hits = c.search([text], k=10, mode=mode, candidates=candidates)
                     lat.append(time.perf_counter() - t)
-                    server_ms.append(c.last_search_info["timings_ms"])
+                    server_ms.append(hits.info[0]["timings_ms"])
             out[mode] = {"p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99), "calls": len(lat),
                          "embed_p50_ms": float(np.median([m["embed"] for m in server_ms]))}
     return out

@@ -54,7 +54,9 @@ def retry_pause(err: Exception, attempt: int, max_retries: int, deadline: float 
 
 def encode_image(item: ImageLike, index: int, max_bytes: int = ServingLimits.max_image_bytes) -> bytes:
     """Whatever the user gave -> encoded image bytes for the server (which decodes and
-    preprocesses).  Paths are read, PIL images and uint8 arrays are PNG-encoded (lossless)."""
+    preprocesses).  Paths and bytes are sent as they are; uint8 arrays as PNG; PIL images
+    losslessly in their own mode with their EXIF orientation (:func:`_encode_pil`), so the
+    server computes from them exactly what the engine computes in-process."""
     if isinstance(item, (str, os.PathLike)):
         path = Path(item)
         try:
@@ -68,7 +70,7 @@ def encode_image(item: ImageLike, index: int, max_bytes: int = ServingLimits.max
             raise FilipInvalidInputError(f"image {index}: an array must be uint8 HxW or HxWx{{1,3,4}}, got {item.dtype} {item.shape}")
         data = _png(_pil().fromarray(item[..., 0] if item.ndim == 3 and item.shape[2] == 1 else item))
     elif _is_pil(item):
-        data = _png(item)
+        data = _encode_pil(item, index)
     else:
         raise FilipInvalidInputError(f"image {index}: unsupported type {type(item).__name__} "
                                      "(give a path, encoded bytes, a PIL image or a uint8 array)")
@@ -94,6 +96,40 @@ def _is_pil(item) -> bool:
 def _png(img) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# Lossless containers per pixel mode: PNG where it keeps the mode, else TIFF.  A mode neither
+# keeps is sent as what the server would make of it first (La -> LA, others -> RGB).
+_PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B"})
+_TIFF_MODES = frozenset({"PA", "RGBX", "CMYK", "YCbCr", "LAB", "I", "I;16L", "F"})
+_ORIENTATION = 0x0112          # the EXIF / TIFF Orientation tag
+
+
+def _encode_pil(img, index: int) -> bytes:
+    """A PIL image, losslessly, with its EXIF orientation (the server applies it, as the engine
+    does in-process); no other metadata leaves the machine."""
+    try:
+        orientation = img.getexif().get(_ORIENTATION)
+    except Exception:                  # unreadable EXIF: no orientation, as the engine reads it
+        orientation = None
+    orientation = orientation if isinstance(orientation, int) and orientation != 1 else None
+    buf = io.BytesIO()
+    try:
+        if img.mode == "La":
+            img = img.convert("LA")
+        elif img.mode not in _PNG_MODES | _TIFF_MODES:
+            img = img.convert("RGB")
+        if img.mode in _PNG_MODES:
+            exif = _pil().Exif()
+            if orientation:
+                exif[_ORIENTATION] = orientation
+            img.save(buf, format="PNG", exif=exif)
+        else:
+            img.save(buf, format="TIFF", tiffinfo={_ORIENTATION: orientation} if orientation else {})
+    except (OSError, ValueError) as e:
+        raise FilipInvalidInputError(f"image {index}: cannot encode this PIL image (mode {img.mode}, "
+                                     f"{img.width}x{img.height}): {e}") from e
     return buf.getvalue()
 
 
@@ -200,10 +236,11 @@ def append_inputs(grpc, name: str, ids: Sequence[str], token_dtype: str, tokens:
 
 
 def parse_hits(result, what: str = SEARCH_MODEL) -> tuple[list[list[Hit]], dict]:
-    ids, scores, meta = (output(result, n, what) for n in ("IDS", "SCORES", "METADATA"))
+    """Each query's own hits (the padding past its COUNTS cut off) and the request's INFO."""
+    ids, scores, meta, counts = (output(result, n, what) for n in ("IDS", "SCORES", "METADATA", "COUNTS"))
     info = parse_info(result, what)
     hits = [[Hit(bytes(i).decode("utf-8"), float(s), json.loads(bytes(m).decode("utf-8")))
-             for i, s, m in zip(ids[q], scores[q], meta[q])] for q in range(ids.shape[0])]
+             for i, s, m in zip(ids[q, :n], scores[q, :n], meta[q, :n])] for q, n in enumerate(counts.reshape(-1))]
     return hits, info
 
 

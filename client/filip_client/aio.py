@@ -14,7 +14,7 @@ import tritonclient.grpc.aio as grpc_aio
 from . import _protocol as P
 from .errors import FilipError, FilipInvalidInputError, from_triton
 from .sync import _progress
-from .types import Embeddings, Health, Hit, IndexReport
+from .types import Embeddings, Health, IndexReport, SearchResults
 
 
 class AsyncFilipClient:
@@ -29,7 +29,6 @@ class AsyncFilipClient:
                                                     private_key=private_key, certificate_chain=certificate_chain)
         self._sem: asyncio.Semaphore | None = None
         self._configs: dict[str, dict] = {}
-        self.last_search_info: dict | None = None
 
     async def _call(self, model: str, inputs: list, outputs: Sequence[str], timeout: float | None, what: str):
         if self._sem is None:
@@ -128,17 +127,19 @@ class AsyncFilipClient:
         g = math.isqrt(amap.shape[0])
         return amap.reshape(g, g) if g * g == amap.shape[0] else amap
 
-    async def search(self, texts: Sequence[str], *, k: int = 10, mode: str = "exact", candidates: int | None = None,
-                     allowed_ids: Sequence[str] | None = None, timeout: float | None = None) -> list[list[Hit]]:
+    async def search(self, texts: Sequence[str], *, k: int = P.L.DEFAULT_K, mode: str = P.L.DEFAULT_MODE, candidates: int | None = None,
+                     allowed_ids: Sequence[str] | None = None, timeout: float | None = None) -> SearchResults:
         texts = P.check_texts(texts, P.served_limits(await self._config(P.TEXT_MODEL)).max_text_chars)
+        out = SearchResults()
         if allowed_ids is not None and len(allowed_ids) == 0:
-            return [[] for _ in texts]
-        out: list[list[Hit]] = []
+            out.extend([] for _ in texts)
+            return out
         for a, b in P.chunks(len(texts), P.L.MAX_QUERIES):
             res = await self._call(P.SEARCH_MODEL, P.search_inputs(grpc, texts[a:b], k, mode, candidates, allowed_ids),
                                    P.SEARCH_OUTPUTS, timeout, f"search texts {a}..{b - 1}")
-            hits, self.last_search_info = P.parse_hits(res)
-            out += hits
+            hits, info = P.parse_hits(res)
+            out.extend(hits)
+            out.info.append(info)
         return out
 
     async def gallery_info(self, *, timeout: float | None = None) -> dict:

@@ -23,7 +23,7 @@ import tritonclient.grpc as grpc
 
 from . import _protocol as P
 from .errors import FilipError, FilipInvalidInputError, from_triton
-from .types import Embeddings, Health, Hit, IndexReport
+from .types import Embeddings, Health, IndexReport, SearchResults
 
 
 class FilipClient:
@@ -42,7 +42,6 @@ class FilipClient:
                                                 private_key=private_key, certificate_chain=certificate_chain)
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="filip-client")
         self._configs: dict[str, dict] = {}
-        self.last_search_info: dict | None = None
 
     # --- plumbing ------------------------------------------------------------------------
     def _call(self, model: str, inputs: list, outputs: Sequence[str], timeout: float | None, what: str):
@@ -156,22 +155,26 @@ class FilipClient:
         g = math.isqrt(amap.shape[0])
         return amap.reshape(g, g) if g * g == amap.shape[0] else amap
 
-    def search(self, texts: Sequence[str], *, k: int = 10, mode: str = "exact", candidates: int | None = None,
-               allowed_ids: Sequence[str] | None = None, timeout: float | None = None) -> list[list[Hit]]:
+    def search(self, texts: Sequence[str], *, k: int = P.L.DEFAULT_K, mode: str = P.L.DEFAULT_MODE, candidates: int | None = None,
+               allowed_ids: Sequence[str] | None = None, timeout: float | None = None) -> SearchResults:
         """Top-``k`` gallery items per text by s_T, best first, as :class:`Hit` (id, score, metadata).
 
         ``mode``: "exact" (every item scored) or "two_stage" (``candidates`` items per query
         from the first stage, default 2000, re-ranked exactly); ``allowed_ids``: only these
-        items.  The server's gallery and timings of the last call are in ``last_search_info``."""
+        items.  Each text's hits are what it gets searched alone (fewer than ``k`` where the
+        gallery or the first stage has fewer).  The result is a list per text; its ``info``
+        holds the server's INFO (gallery, mode, timings) of each request it took."""
         texts = P.check_texts(texts, self._limits(P.TEXT_MODEL).max_text_chars)
+        out = SearchResults()
         if allowed_ids is not None and len(allowed_ids) == 0:
-            return [[] for _ in texts]
-        out: list[list[Hit]] = []
+            out.extend([] for _ in texts)
+            return out
         for a, b in P.chunks(len(texts), P.L.MAX_QUERIES):
             res = self._call(P.SEARCH_MODEL, P.search_inputs(grpc, texts[a:b], k, mode, candidates, allowed_ids),
                              P.SEARCH_OUTPUTS, timeout, f"search texts {a}..{b - 1}")
-            hits, self.last_search_info = P.parse_hits(res)
-            out += hits
+            hits, info = P.parse_hits(res)
+            out.extend(hits)
+            out.info.append(info)
         return out
 
     def gallery_info(self, *, timeout: float | None = None) -> dict:

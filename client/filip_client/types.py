@@ -38,6 +38,16 @@ class Hit:
     metadata: dict
 
 
+class SearchResults(list):
+    """What ``search`` returns: one list of :class:`Hit` per text, in order, best first; ``info``
+    holds the server's INFO (gallery, mode, k, timings) of each request the call took (one per
+    64 texts), so it travels with the results instead of living in the client."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.info: list[dict] = []
+
+
 @dataclass
 class IndexReport:
     """What ``index_images`` did: items added now, already present (skipped), failed (id -> why)."""

@@ -8,10 +8,10 @@ Files that no manifest lists (a writer killed mid-segment) are never read.
 
 Tokens are memory-mapped (``np.load(mmap_mode="r")``), or read into process memory when
 ``load="memory"`` (``"auto"``, the default: when they take at most half of the memory
-available).  Why in memory when they fit: on these machines the kernel reclaims cold page
-cache proactively (DAMON), so a memory-mapped 2.5 GB gallery was partly re-read from disk
-between queries (exact search over 100k items at 35% of memcpy bandwidth, against 52-56% at
-10k); anonymous memory is not reclaimed without swap.  The per-item centroids (first-stage
+available).  Why in memory when they fit: a kernel that reclaims cold page cache
+proactively (DAMON) re-reads parts of a large memory-mapped gallery from disk between
+queries, while anonymous memory is not reclaimed without swap (docs/GALLERY.md has the
+measured difference).  The per-item centroids (first-stage
 vectors, [N, D] fp32) and the ids are always in memory.
 """
 from __future__ import annotations

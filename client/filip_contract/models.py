@@ -126,8 +126,10 @@ SEARCH = Model(
             Tensor("POOLED", "FP32", (-1, "E"), optional=True, doc="the items' image POOLED"),
             Tensor("ITEM_METADATA", "BYTES", (-1,), optional=True, doc="a JSON object per item"),
             Tensor("TOKEN_DTYPE", "BYTES", (1,), optional=True, doc="float16 (default) or int8, for a new gallery")),
-    outputs=(Tensor("IDS", "BYTES", (-1, -1)), Tensor("SCORES", "FP32", (-1, -1), doc="s_T, best first"),
-             Tensor("METADATA", "BYTES", (-1, -1), doc="JSON per hit"),
+    outputs=(Tensor("IDS", "BYTES", (-1, -1), doc="per query, best first; padding past COUNTS is the id \"\""),
+             Tensor("SCORES", "FP32", (-1, -1), doc="s_T, best first; padding past COUNTS is -inf"),
+             Tensor("METADATA", "BYTES", (-1, -1), doc="JSON per hit; padding past COUNTS is {}"),
+             Tensor("COUNTS", "INT32", (-1,), doc="hits per query (each query's own, as if it were sent alone)"),
              Tensor("INFO", "BYTES", (1,), doc="JSON: gallery, mode, timings; or the reload / append / status answer")),
     doc="top-k gallery search by late interaction (TEXT), a gallery reload (RELOAD), an append to a gallery "
         "(APPEND), or a status request (none of them)",
