@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,8 @@ from filip_engine.checkpoint import load_checkpoint
 from filip_engine.errors import FilipError, ValidationError
 from filip_engine.pipeline import load_tokenizer
 from filip_export.to_onnx import DEFAULT_OPSET, MIN_OPSET, export_tower, validate_tower
-from filip_export.triton_repo import TRT_MODELS, RepoSettings, TensorRTPlans, version_dir, write_repository
+from filip_export.staging import StagedRepository
+from filip_export.triton_repo import MODELS, TRT_MODELS, RepoSettings, TensorRTPlans, version_dir, write_repository
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     except FilipError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:     # the filesystem: unwritable, missing, full
+        where = e.filename or args.out
+        print(f"error: cannot write the model repository {args.out}: {e.strerror or e} ({where}); "
+              "the previous repository is unchanged", file=sys.stderr)
+        return 2
 
 
 def _run(args) -> int:
@@ -114,19 +121,38 @@ def _run(args) -> int:
 
     tok, source = load_tokenizer(cfg, vocab=args.vocab, embedded=ckpt.vocab_text)
     out = args.out
-    text_dir, image_dir = version_dir(out, "filip_text"), version_dir(out, "filip_image")
+    # Everything is written into a staging folder beside --out and swapped in after the last
+    # gate: a failed or killed export leaves the previous repository as it was.
+    with StagedRepository(out, set(MODELS) | set(TRT_MODELS.values())) as staged:
+        models, settings = _write(args, ckpt, tok, source, limits, use_trt, trt_why, staged)
+        staged.commit()
+    print(f"[5/5] Triton model repository {out}: {', '.join(m.name for m in models)} "
+          f"(max batch {settings.max_batch}, queue delay {settings.queue_delay_us} us); "
+          f"serve it with: tritonserver --model-repository {out}")
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _write(args, ckpt, tok, source, limits, use_trt, trt_why, staged: StagedRepository):
+    """Steps 2-5 into the staging folder; raises on any failed gate."""
+    cfg, work = ckpt.config, staged.work
+
+    def shown(p: Path) -> Path:         # where a file will be once the repository is swapped in
+        return args.out / Path(p).relative_to(work)
+
+    text_dir, image_dir = version_dir(work, "filip_text"), version_dir(work, "filip_image")
     tok.save(text_dir / "tokenizer.json")
-    for d in (text_dir, image_dir, version_dir(out, "filip_score")):
+    for d in (text_dir, image_dir, version_dir(work, "filip_score")):
         write_manifest(d, cfg, logit_scale=ckpt.model.similarity_scale(), layout=ckpt.layout, source=ckpt.path.name,
                        extra={"opset": args.opset, "max_batch": args.max_batch})
     print(f"[2/5] tokenizer from {source}: {tok.vocab_size} entries, SOT={tok.sot_token_id} EOT={tok.eot_token_id} "
-          f"-> {text_dir / 'tokenizer.json'}")
+          f"-> {shown(text_dir / 'tokenizer.json')}")
 
     paths = {}
     for tower, d in (("image", image_dir), ("text", text_dir)):
         t = time.perf_counter()
         paths[tower] = export_tower(ckpt.model, tower, d / f"{tower}.onnx", opset=args.opset, max_batch=args.max_batch)
-        print(f"[3/5] exported {tower} tower -> {paths[tower]} (opset {args.opset}, {time.perf_counter() - t:.1f} s)")
+        print(f"[3/5] exported {tower} tower -> {shown(paths[tower])} (opset {args.opset}, {time.perf_counter() - t:.1f} s)")
 
     print("[4/5] ONNX Runtime (CPU) vs PyTorch, fp32:")
     results = []
@@ -140,33 +166,35 @@ def _run(args) -> int:
 
     tensorrt = None
     if use_trt:
-        tensorrt = _build_tensorrt(args, ckpt, paths)
+        tensorrt = _build_tensorrt(args, ckpt, paths, staged)
     else:
         print(f"      TensorRT engines: skipped ({trt_why or '--runtime onnxruntime'}); ONNX Runtime serves the encoders")
     settings = RepoSettings(max_batch=args.max_batch, queue_delay_us=args.queue_delay_us,
                             text_instances=args.instances, image_instances=args.instances,
                             max_queue_size=args.max_queue_size, limits=limits)
-    models = write_repository(out, cfg, logit_scale=ckpt.model.similarity_scale(), settings=settings, tensorrt=tensorrt)
-    print(f"[5/5] Triton model repository {out}: {', '.join(m.name for m in models)} "
-          f"(max batch {settings.max_batch}, queue delay {settings.queue_delay_us} us); "
-          f"serve it with: tritonserver --model-repository {out}")
-    print(f"done in {time.perf_counter() - t0:.1f} s")
-    return 0
+    models = write_repository(work, cfg, logit_scale=ckpt.model.similarity_scale(), settings=settings, tensorrt=tensorrt)
+    return models, settings
 
 
-def _build_tensorrt(args, ckpt, paths) -> TensorRTPlans:
+def _build_tensorrt(args, ckpt, paths, staged: StagedRepository) -> TensorRTPlans:
     """Build both towers' plans into the tensorrt_plan models' version folders, validate them
-    against PyTorch (ValidationError -> exit 1; failed plans are removed so that no later start
-    serves them) and return what the repository's configs need."""
+    against PyTorch (ValidationError -> exit 1; the staged repository is then dropped, so no
+    later start serves them) and return what the repository's configs need.  Plans the
+    previous repository holds for other GPU architectures are carried over."""
     from filip_engine.io_spec import tower_spec
     from filip_export.trt import (DEFAULT_TIMING_CACHE, build_engine, checkpoint_fingerprint, detect_environment,
-                            plan_filename, plans_in, raise_if_gates_failed, sidecar_path, validate_engines)
+                            plan_filename, plans_in, raise_if_gates_failed, validate_engines)
     env = detect_environment()
     cc = env["compute_capability"]
     plans = {}
     for tower in ("image", "text"):
         t = time.perf_counter()
-        plan = version_dir(args.out, TRT_MODELS[tower]) / plan_filename(cc)
+        folder = version_dir(staged.work, TRT_MODELS[tower])
+        previous = staged.previous(f"{TRT_MODELS[tower]}/1")
+        for old in sorted(previous.glob("model.sm*.plan*")) if previous else ():
+            if not old.name.startswith(plan_filename(cc)):          # this GPU's plan is rebuilt
+                shutil.copy2(old, folder / old.name)
+        plan = folder / plan_filename(cc)
         build_engine(paths[tower], plan, tower_spec(ckpt.config, tower, args.max_batch), precision=args.precision,
                      max_batch=args.max_batch, timing_cache=DEFAULT_TIMING_CACHE,
                      checkpoint=checkpoint_fingerprint(ckpt.path), log=print)
@@ -179,13 +207,7 @@ def _build_tensorrt(args, ckpt, paths) -> TensorRTPlans:
         print("  " + r.summary().replace("\n", "\n  "))
     if ranking is not None:
         print("  " + ranking.line())
-    try:
-        raise_if_gates_failed(results, ranking)
-    except FilipError:
-        for plan in plans.values():
-            plan.unlink(missing_ok=True)
-            sidecar_path(plan).unlink(missing_ok=True)
-        raise
+    raise_if_gates_failed(results, ranking)
     print("      all TensorRT numerics gates passed; the tensorrt_plan models serve the encoders")
     return TensorRTPlans(files={t: plans_in(p.parent) for t, p in plans.items()},
                          default={t: p.name for t, p in plans.items()})
