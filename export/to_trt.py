@@ -45,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Triton instances per encoder model (each a process with its own ONNX Runtime session; default 1)")
     p.add_argument("--queue-delay-us", type=int, default=500,
                    help="dynamic batching: how long Triton waits to fill a batch, in microseconds (default 500)")
-    p.add_argument("--max-queue-size", type=int, default=256,
-                   help="requests queued per encoder model before new ones are refused as UNAVAILABLE (default 256)")
+    p.add_argument("--max-queue-size", type=int, default=0,
+                   help="requests queued per encoder model before new ones are refused as UNAVAILABLE; 0 (default): "
+                        "no queue policy, callers' deadlines bound the work (a policy costs up to 500 ms stalls "
+                        "in Triton 2.51's batcher)")
     p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
                    help="a per-request limit the server enforces and clients echo (repeatable): " + ", ".join(
                        f"{k} ({v:,})" for k, v in dataclasses.asdict(ServingLimits()).items()))
@@ -94,8 +96,8 @@ def _run(args) -> int:
             raise FilipError(f"--limit {item!r}: expected NAME=POSITIVE_INT with NAME one of {sorted(known)}")
         overrides[name] = int(value)
     limits = ServingLimits(**overrides)
-    if args.max_queue_size < 1:
-        raise FilipError(f"--max-queue-size must be at least 1, got {args.max_queue_size}")
+    if args.max_queue_size < 0:
+        raise FilipError(f"--max-queue-size must be 0 (no queue policy) or positive, got {args.max_queue_size}")
     if args.instances < 1 or args.queue_delay_us < 0:
         raise FilipError(f"--instances must be >= 1 and --queue-delay-us >= 0, got {args.instances} and {args.queue_delay_us}")
     trt_ok, trt_why = tensorrt_available()

@@ -43,9 +43,14 @@ class RepoSettings:
     image_instances: int = 1
     score_instances: int = 1
     intra_op_threads: int = 0            # ONNX Runtime threads per instance; 0 = all cores
-    # Overload: a request finding this many queued is refused at once (UNAVAILABLE, which the
-    # client retries with backoff), and one that waited this long in the queue is dropped.
-    max_queue_size: int = 256
+    # Overload.  By default the encoders' queues have no policy: the callers' deadlines bound
+    # the work (Triton drops a queued request whose gRPC call was cancelled or timed out,
+    # without running it).  max_queue_size > 0 adds Triton's queue policy: a request finding
+    # that many queued is refused at once (UNAVAILABLE, which the client retries with backoff)
+    # and one queued for queue_timeout_us is dropped; but any queue policy turns off the
+    # batcher's prefetching, and Triton 2.51's batcher then misses the wake-up of an instance
+    # that turned idle and sleeps its 500 ms default (docs/ARCHITECTURE.md, "Overload").
+    max_queue_size: int = 0
     queue_timeout_us: int = 30_000_000
     limits: ServingLimits = ServingLimits()   # per-request limits, enforced by the models
     # filip_search: galleries are folders under gallery_root ("" = <repository>/../galleries,
@@ -87,9 +92,11 @@ def _served_model(model: M.Model, sizes: dict[str, int], *, max_batch: int, inst
 
 
 def _dynamic_batching(c: mc.ModelConfig, s: RepoSettings) -> None:
-    """Dynamic batching with the settings' delay and the bounded queue (refuse when full,
-    drop after the timeout)."""
+    """Dynamic batching with the settings' delay; with ``max_queue_size`` also the bounded
+    queue (refuse when full, drop after the timeout)."""
     c.dynamic_batching.max_queue_delay_microseconds = s.queue_delay_us
+    if s.max_queue_size <= 0:
+        return
     policy = c.dynamic_batching.default_queue_policy
     policy.timeout_action = mc.ModelQueuePolicy.REJECT
     policy.default_timeout_microseconds = s.queue_timeout_us
