@@ -234,6 +234,44 @@ def test_bad_requests_fail_alone_in_one_dynamic_batch(served):
     assert grpc.InferenceServerClient(url).is_server_ready()
 
 
+def test_a_batch_that_formed_serves_its_good_requests(tiny_checkpoint, tmp_path):
+    """Proof that good and bad requests shared one execution: with a long batching delay the
+    batcher holds six concurrent image requests (three good, three bad) and runs them as one
+    batch of six (Triton's statistics: one execution, batch size 6); each bad one fails alone
+    with INVALID_ARGUMENT, each good one equals its solo result."""
+    repo = tmp_path / "repo"
+    assert export_main([str(tiny_checkpoint), "--out", str(repo), "--max-batch", "16", "--queue-delay-us", "300000"]) == 0
+    good = _png(_img(9))
+    bad = ["corrupt image", "zero-byte image", "decompression bomb"]
+    with TritonServer(repo) as server:
+        stats_client = grpc.InferenceServerClient(server.url)
+        solo = _raw_image(stats_client, [good]).as_numpy("POOLED")
+
+        def stats():
+            s = stats_client.get_inference_statistics("filip_image", as_json=True)["model_stats"][0]
+            return int(s.get("execution_count", 0)), {int(b["batch_size"]): int(b["compute_infer"]["count"])
+                                                      for b in s.get("batch_stats", [])}
+
+        def run(job):
+            c = grpc.InferenceServerClient(server.url)
+            try:
+                return job, (_raw_image(c, [good]).as_numpy("POOLED") if job == "good" else BAD[job](c))
+            except Exception as e:
+                return job, str(getattr(e, "status", lambda: "")())
+
+        executions, batches = stats()
+        with ThreadPoolExecutor(6) as ex:
+            results = list(ex.map(run, ["good"] * 3 + bad))
+        executions2, batches2 = stats()
+    assert executions2 - executions == 1, (executions, executions2)
+    assert batches2.get(6, 0) - batches.get(6, 0) == 1, (batches, batches2)
+    for job, res in results:
+        if job == "good":
+            assert isinstance(res, np.ndarray) and np.abs(res - solo).max() < 1e-5, res
+        else:
+            assert "INVALID_ARGUMENT" in res, (job, res)
+
+
 def test_client_errors(served, client):
     with pytest.raises(FilipServerError, match="unknown model|not found"):
         client._call("no_such_model", [], [], None, "probe")

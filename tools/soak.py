@@ -49,11 +49,16 @@ def process_tree_rss(pid: int) -> int:
     return total
 
 
+MIN_MEMORY_SAMPLES = 8
+MEMORY_SAMPLES = 32      # RSS samples per run, whatever the report interval
+
+
 def memory_grows(samples: list[int], tolerance: float = 0.10) -> bool:
     """True when the last quarter's mean exceeds the second quarter's by more than ``tolerance``
-    (the first quarter is warm-up: allocators and caches fill)."""
-    if len(samples) < 8:
-        return False
+    (the first quarter is warm-up: allocators and caches fill).  Needs MIN_MEMORY_SAMPLES;
+    fewer cannot be judged (``run_soak`` takes MEMORY_SAMPLES and fails a run it could not judge)."""
+    if len(samples) < MIN_MEMORY_SAMPLES:
+        raise ValueError(f"{len(samples)} memory samples cannot be judged; at least {MIN_MEMORY_SAMPLES} are needed")
     q = len(samples) // 4
     early, late = float(np.mean(samples[q:2 * q])), float(np.mean(samples[-q:]))
     return late > early * (1 + tolerance)
@@ -80,11 +85,13 @@ class SoakReport:
     errors: dict = field(default_factory=dict)
     intervals: list = field(default_factory=list)
     alive_at_end: bool = False
-    memory_growing: bool = False
+    memory_samples: list = field(default_factory=list)   # server RSS in bytes, MEMORY_SAMPLES over the run
+    memory_growing: bool | None = None                   # None: not judged (no server pid to measure)
 
     @property
     def passed(self) -> bool:
-        return self.good_failed == 0 and self.bad_accepted == 0 and self.alive_at_end and not self.memory_growing
+        return (self.good_failed == 0 and self.bad_accepted == 0 and self.alive_at_end
+                and self.memory_growing is not True)
 
 
 def _jpeg(rng: np.random.Generator) -> bytes:
@@ -96,7 +103,9 @@ def _jpeg(rng: np.random.Generator) -> bytes:
 
 
 def run_soak(url: str, *, duration: float, rate: float, bad_share: float = 0.1, interval: float = 10.0,
-             pid: int | None = None, seed: int = 0, log=print) -> SoakReport:
+             pid: int | None = None, seed: int = 0, log=print, rss=process_tree_rss) -> SoakReport:
+    """``rss(pid) -> bytes`` measures the server (its process tree); memory is sampled
+    MEMORY_SAMPLES times over the run, independently of the report ``interval``."""
     from filip_client import FilipClient
     rng = np.random.default_rng(seed)
     pick = random.Random(seed)
@@ -144,7 +153,8 @@ def run_soak(url: str, *, duration: float, rate: float, bad_share: float = 0.1, 
 
     t0 = time.monotonic()
     next_report = t0 + interval
-    rss: list[int] = []
+    sample_every = duration / MEMORY_SAMPLES
+    next_sample = t0 + sample_every
     with ThreadPoolExecutor(16) as pool:
         i = 0
         while time.monotonic() - t0 < duration:
@@ -152,11 +162,13 @@ def run_soak(url: str, *, duration: float, rate: float, bad_share: float = 0.1, 
             i += 1
             target = t0 + i / rate                       # fixed arrival rate (open loop)
             now = time.monotonic()
+            if pid and now >= next_sample:
+                report.memory_samples.append(rss(pid))
+                next_sample += sample_every
             if now >= next_report:
                 with lock:
                     window, lat[:] = list(lat), []
-                mem = process_tree_rss(pid) if pid else 0
-                rss.append(mem)
+                mem = report.memory_samples[-1] if report.memory_samples else 0
                 ms = np.asarray(window) * 1e3
                 iv = Interval(round(now - t0, 1), len(window), float(np.percentile(ms, 50)) if ms.size else float("nan"),
                               float(np.percentile(ms, 99)) if ms.size else float("nan"), mem / 2**20)
@@ -175,7 +187,10 @@ def run_soak(url: str, *, duration: float, rate: float, bad_share: float = 0.1, 
         report.alive_at_end = client.health(deep=True).ok
     except FilipError:
         report.alive_at_end = False
-    report.memory_growing = memory_grows(rss) if pid else False
+    if pid:
+        while len(report.memory_samples) < MEMORY_SAMPLES:          # the loop may end a sample short
+            report.memory_samples.append(rss(pid))
+        report.memory_growing = memory_grows(report.memory_samples)
     client.close()
     return report
 
@@ -202,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server:
             server.stop()
-    print(json.dumps({k: v for k, v in asdict(report).items() if k != "intervals"}, indent=1, default=str))
+    print(json.dumps({k: v for k, v in asdict(report).items() if k not in ("intervals", "memory_samples")},
+                     indent=1, default=str))
     print("PASS" if report.passed else "FAIL")
     if args.json:
         args.json.write_text(json.dumps(asdict(report), indent=1, default=str))

@@ -27,9 +27,12 @@ class FilipTimeoutError(FilipError, TimeoutError):
     pass
 
 
-# UNAVAILABLE means overload when Triton's queue refused the request, and an unreachable
-# server when gRPC itself could not deliver it; only the message tells the two apart.
+# UNAVAILABLE is what Triton's queue answers when it refuses a request (overload), what gRPC
+# reports when it cannot reach the server, and what Triton answers for a few states of its own
+# (a restricted protocol without its header); only the message tells them apart.
 _OVERLOAD_MARKERS = ("exceeds maximum queue size", "request timeout expired")
+_CONNECTION_MARKERS = ("failed to connect", "connection refused", "connect failed", "socket closed", "connection reset",
+                       "dns resolution failed", "handshake", "ssl", "end of tcp stream", "broken pipe", "goaway")
 
 
 def from_triton(exc: Exception, what: str) -> FilipError:
@@ -46,8 +49,9 @@ def from_triton(exc: Exception, what: str) -> FilipError:
     if name == "DEADLINE_EXCEEDED" or "Deadline Exceeded" in msg:
         return FilipTimeoutError(text)
     if name == GRPC_STATUS[Fault.OVERLOAD]:
-        if any(m in msg.lower() for m in _OVERLOAD_MARKERS):
+        low = msg.lower()
+        if any(m in low for m in _OVERLOAD_MARKERS):
             return FilipOverloadedError(text, status)
-        if "unknown model" not in msg.lower():
+        if any(m in low for m in _CONNECTION_MARKERS):
             return FilipConnectionError(text)
     return FilipServerError(text, status or None)
