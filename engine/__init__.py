@@ -1,4 +1,6 @@
-"""FILIP inference engine: model, checkpoints, tokenizer, preprocessing, scoring, runtimes.
+"""FILIP inference engine (installed as ``filip_engine``): model, checkpoints, tokenizer,
+preprocessing, scoring, search, runtimes, and the served models' code.
 
-``engine`` imports nothing from ``export``, ``triton_models`` or ``client``.
+``filip_engine`` imports nothing from ``filip_export``, ``filip_client`` or the tools; it
+shares the served contract (``filip_contract``) with the client.
 """

@@ -1,1 +1,1 @@
-"""Checkpoint -> ONNX -> (TensorRT) -> Triton model repository."""
+"""Checkpoint -> ONNX -> (TensorRT) -> Triton model repository (installed as ``filip_export``)."""

@@ -75,6 +75,10 @@ def test_what_each_side_imports():
     r = _python("import sys, filip_engine.adapters, filip_engine.serving, filip_engine.search\n"
                 "print(sorted(m for m in ('torch',) if m in sys.modules))")
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+    r = _python("import importlib, pkgutil, sys, filip_engine\n"                    # data flows one way
+                "for m in pkgutil.iter_modules(filip_engine.__path__): importlib.import_module('filip_engine.' + m.name)\n"
+                "print(sorted({m.split('.')[0] for m in sys.modules} & {'filip_client', 'filip_export', 'tools'}))")
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
 def test_engine_wheel_has_no_generic_top_level_packages(tmp_path):
