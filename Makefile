@@ -9,7 +9,7 @@ DEMO_DIR ?= build/demo
 DEMO_PRESET ?= ViT-B-32
 DEMO_CKPT := $(DEMO_DIR)/filip-$(DEMO_PRESET).pt
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo test test-fast clean perf-analyzer
 
 $(STAMP): pyproject.toml client/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,11 @@ demo: $(STAMP)
 	test -f $(DEMO_CKPT) || $(BIN)/python -m filip_engine.checkpoint init --preset $(DEMO_PRESET) --out $(DEMO_CKPT)
 	$(BIN)/python export/to_trt.py $(DEMO_CKPT) --out $(DEMO_DIR)/triton_models
 	$(BIN)/python -m tools.demo --repository $(DEMO_DIR)/triton_models --checkpoint $(DEMO_CKPT)
+
+# Triton's perf_analyzer (from the tritonclient 2.48.0 wheel) into build/perf_analyzer, for
+# python -m tools.bench --perf-analyzer; needs the network once, and nothing else depends on it
+perf-analyzer: $(STAMP)
+	$(BIN)/python -m tools.perf_analyzer --obtain
 
 clean:
 	rm -rf build .pytest_cache

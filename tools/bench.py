@@ -9,9 +9,20 @@ For each (workload, concurrency, batch) point: warm-up requests, then measuremen
 for the answer, sending the next) until the last 3 windows agree (throughput and p50 within
 10%) or ``--max-time`` passes.  Reported over those last windows: throughput (items/s),
 p50/p90/p95/p99/max latency, errors, and from Triton's statistics API the mean queue /
-compute-input / compute-infer / compute-output time per execution and the realised batch size.
+compute-input / compute-infer / compute-output time per request and the realised batch size.
 ``--in-process`` runs the same inputs through the engine on ONNX Runtime (no server; the
 engine is imported lazily), so serving overhead shows as a ratio.
+
+``--perf-analyzer``: the served image and text points are measured by Triton's own
+perf_analyzer instead (``tools.perf_analyzer``: obtained once, run over gRPC with the same
+JPEGs and captions, synchronous closed loop at each concurrency and batch size; stable when the
+last 3 of at most ``--pa-max-trials`` windows of ``--pa-interval`` ms agree within
+``--pa-stability`` percent; a point that never does is measured once more at twice that
+percentage and marked unstable).  perf_analyzer reports no maximum latency (``n/a`` in the
+table); its server split is Triton's mean per request.  The score workload keeps the
+closed-loop client.  The in-process points then sweep the same concurrencies (closed loop,
+``concurrency`` threads calling the one in-process pipeline) unless
+``--in-process-concurrency`` says otherwise.
 """
 from __future__ import annotations
 
@@ -20,7 +31,9 @@ import io
 import json
 import math
 import random
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +41,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from tools import perf_analyzer as pa
 
 WORDS = ("a the photo of dog cat man woman child red blue green small large old young running sitting "
          "standing on in with near beach street park field table car bicycle tree house playing holding "
@@ -84,6 +99,8 @@ class Point:
     windows: int
     stable: bool
     server: dict = field(default_factory=dict)
+    source: str = "closed-loop"   # who measured it: "closed-loop" (this module) | "perf_analyzer"
+    perf_analyzer: dict = field(default_factory=dict)   # perf_analyzer's full result, command line included
 
 
 def run_point(call: Callable[[int], None], *, concurrency: int, batch: int, window: float, max_time: float,
@@ -211,18 +228,59 @@ def server_split(before: dict, after: dict) -> dict:
     return out
 
 
+# --- perf_analyzer (served points) ------------------------------------------------------------
+PA_WORKLOADS = ("image", "text")    # measured by perf_analyzer under --perf-analyzer; score keeps the closed loop
+
+
+def perf_analyzer_point(result: dict, workload: str, concurrency: int, batch: int, stable: bool = True) -> Point:
+    """A served Point from ``tools.perf_analyzer.run``'s result: no max latency (NaN) and no
+    error count beyond 0 (perf_analyzer stops at the first failed request)."""
+    requests = result.get("requests") or 0
+    items = requests * batch
+    tp = result["items_per_s"]
+    stats = LatencyStats(requests, items, 0, items / tp if tp > 0 else math.nan, tp, result["p50_ms"], result["p90_ms"],
+                         result["p95_ms"], result["p99_ms"], math.nan)
+    server = {"executions": result.get("executions") or 0, "realised_batch": result.get("realised_batch", math.nan),
+              **{k: result[k] for k in ("queue_ms", "compute_input_ms", "compute_infer_ms", "compute_output_ms")}}
+    full = {k: (" ".join(v) if k == "command" else v) for k, v in result.items()}
+    return Point(workload, "served", concurrency, batch, stats, 0, stable, server, "perf_analyzer", full)
+
+
+def measure_perf_analyzer(binary, env, url: str, workload: str, data: Path, concurrency: int, batch: int, *,
+                          interval_ms: int, stability: float, max_trials: int) -> Point:
+    """One served point by perf_analyzer; when it finds no stable measurement, once more at twice
+    the stability percentage (the point is then marked unstable)."""
+    kw = dict(measurement_interval_ms=interval_ms, max_trials=max_trials)
+    try:
+        r = pa.run(binary, env, url, MODEL_OF[workload], data, concurrency, batch, stability_percentage=stability, **kw)
+        return perf_analyzer_point(r, workload, concurrency, batch, True)
+    except pa.PerfAnalyzerUnstable as e:
+        print(f"note: {e}; measuring again at {2 * stability:g}%", flush=True)
+        r = pa.run(binary, env, url, MODEL_OF[workload], data, concurrency, batch, stability_percentage=2 * stability, **kw)
+        return perf_analyzer_point(r, workload, concurrency, batch, False)
+
+
 # --- output ---------------------------------------------------------------------------------
+def _f(x: float, width: int, digits: int = 2) -> str:
+    return f"{'n/a':>{width}}" if not math.isfinite(x) else f"{x:>{width}.{digits}f}"
+
+
 def table(points: list[Point]) -> str:
-    head = (f"{'workload':<8} {'mode':<10} {'conc':>4} {'batch':>5} {'items/s':>9} {'p50':>8} {'p90':>8} {'p95':>8} "
-            f"{'p99':>8} {'max':>8} {'err':>4} {'stable':>6} {'queue':>7} {'infer':>7} {'batch*':>6}")
+    head = (f"{'workload':<8} {'mode':<10} {'by':<4} {'conc':>4} {'batch':>5} {'items/s':>9} {'p50':>8} {'p90':>8} "
+            f"{'p95':>8} {'p99':>8} {'max':>8} {'err':>4} {'stable':>6} {'queue':>7} {'c.in':>6} {'infer':>7} "
+            f"{'c.out':>6} {'batch*':>6}")
     lines = [head, "-" * len(head)]
     for p in points:
         s, v = p.stats, p.server
-        lines.append(f"{p.workload:<8} {p.mode:<10} {p.concurrency:>4} {p.batch:>5} {s.throughput:>9.1f} {s.p50:>8.2f} "
-                     f"{s.p90:>8.2f} {s.p95:>8.2f} {s.p99:>8.2f} {s.max:>8.2f} {s.errors:>4} {str(p.stable):>6} "
-                     f"{v.get('queue_ms', math.nan):>7.2f} {v.get('compute_infer_ms', math.nan):>7.2f} "
-                     f"{v.get('realised_batch', math.nan):>6.2f}")
-    lines.append("latencies in ms; queue/infer: Triton's mean per execution; batch*: realised dynamic batch size")
+        by = "pa" if p.source == "perf_analyzer" else "loop"
+        lines.append(f"{p.workload:<8} {p.mode:<10} {by:<4} {p.concurrency:>4} {p.batch:>5} {s.throughput:>9.1f} "
+                     f"{s.p50:>8.2f} {s.p90:>8.2f} {s.p95:>8.2f} {s.p99:>8.2f} {_f(s.max, 8)} {s.errors:>4} "
+                     f"{str(p.stable):>6} {_f(v.get('queue_ms', math.nan), 7)} {_f(v.get('compute_input_ms', math.nan), 6)} "
+                     f"{_f(v.get('compute_infer_ms', math.nan), 7)} {_f(v.get('compute_output_ms', math.nan), 6)} "
+                     f"{_f(v.get('realised_batch', math.nan), 6)}")
+    lines.append("latencies in ms; by: pa = Triton's perf_analyzer (it reports no max: n/a), loop = this tool's closed "
+                 "loop; queue / c.in / infer / c.out: Triton's mean queue, compute input, compute infer, compute "
+                 "output time per request; batch*: realised dynamic batch size")
     return "\n".join(lines)
 
 
@@ -263,7 +321,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=float, default=2.0, help="seconds per measurement window (default 2)")
     p.add_argument("--max-time", type=float, default=15.0, help="seconds per point before giving up on stability (default 15)")
     p.add_argument("--warmup", type=int, default=3, help="warm-up requests per point (default 3)")
-    p.add_argument("--in-process", action="store_true", help="also run each workload in-process (concurrency 1)")
+    p.add_argument("--in-process", action="store_true",
+                   help="also run each workload in-process (at --in-process-concurrency)")
+    p.add_argument("--in-process-concurrency",
+                   help="closed-loop threads in-process, comma-separated "
+                        "(default 1; with --perf-analyzer the --concurrency list)")
+    p.add_argument("--perf-analyzer", action="store_true",
+                   help="measure the served image and text points with Triton's perf_analyzer (tools.perf_analyzer)")
+    p.add_argument("--pa-interval", type=int, default=3000, help="perf_analyzer --measurement-interval in ms (default 3000)")
+    p.add_argument("--pa-stability", type=float, default=20.0,
+                   help="perf_analyzer --stability-percentage (default 20)")
+    p.add_argument("--pa-max-trials", type=int, default=10, help="perf_analyzer --max-trials (default 10)")
     p.add_argument("--json", type=Path, help="write every point as JSON here")
     p.add_argument("--plot", type=Path, help="write a PNG of latency percentiles and throughput against concurrency")
     args = p.parse_args(argv)
@@ -276,11 +344,23 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"unknown workloads {bad}; choose from {sorted(MODEL_OF)}")
 
+    in_process_conc = _ints(args.in_process_concurrency or (args.concurrency if args.perf_analyzer else "1"))
+
     from filip_export.launch import TritonServer
     from filip_client import FilipClient
     jpegs, captions = realistic_jpegs(), realistic_captions()
     print(f"inputs: {len(jpegs)} JPEGs 640x480 (mean {np.mean([len(j) for j in jpegs]) / 1024:.0f} KiB), "
           f"{len(captions)} captions of 8-20 words")
+    pa_data: dict[str, Path] = {}
+    if args.perf_analyzer:
+        try:
+            binary, env = pa.obtain()
+        except pa.PerfAnalyzerError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        data_dir = Path(tempfile.mkdtemp(prefix="bench-pa-"))
+        inputs = {"image": lambda: pa.image_input_data(jpegs), "text": lambda: pa.text_input_data(captions)}
+        pa_data = {w: pa.write_input_data(data_dir / f"{w}.json", inputs[w]()) for w in PA_WORKLOADS if w in workloads}
     server = None if args.url else TritonServer(args.repository).start()
     url = args.url or server.url
     points: list[Point] = []
@@ -290,24 +370,35 @@ def main(argv: list[str] | None = None) -> int:
             for w in workloads:
                 for b in _ints(args.batch):
                     for c in _ints(args.concurrency):
-                        before = client._grpc.get_inference_statistics(MODEL_OF[w], as_json=True)
-                        stats, n, stable = run_point(calls[w](b), concurrency=c, batch=b, window=args.window,
-                                                     max_time=args.max_time, warmup=args.warmup)
-                        after = client._grpc.get_inference_statistics(MODEL_OF[w], as_json=True)
-                        points.append(Point(w, "served", c, b, stats, n, stable, server_split(before, after)))
+                        if w in pa_data:
+                            points.append(measure_perf_analyzer(
+                                binary, env, url, w, pa_data[w], c, b, interval_ms=args.pa_interval,
+                                stability=args.pa_stability, max_trials=args.pa_max_trials))
+                        else:
+                            before = client._grpc.get_inference_statistics(MODEL_OF[w], as_json=True)
+                            stats, n, stable = run_point(calls[w](b), concurrency=c, batch=b, window=args.window,
+                                                         max_time=args.max_time, warmup=args.warmup)
+                            after = client._grpc.get_inference_statistics(MODEL_OF[w], as_json=True)
+                            points.append(Point(w, "served", c, b, stats, n, stable, server_split(before, after)))
                         print(table(points[-1:]).splitlines()[2], flush=True)
+    except pa.PerfAnalyzerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         if server is not None:
             server.stop()
+        if args.perf_analyzer:
+            shutil.rmtree(data_dir, ignore_errors=True)
     if args.in_process:
         from filip_engine.pipeline import FilipPipeline   # lazily: the client needs no engine otherwise
         calls = workload_calls(FilipPipeline.from_repository(args.repository), jpegs, captions)
         for w in workloads:
             for b in _ints(args.batch):
-                stats, n, stable = run_point(calls[w](b), concurrency=1, batch=b, window=args.window,
-                                             max_time=args.max_time, warmup=args.warmup)
-                points.append(Point(w, "in-process", 1, b, stats, n, stable))
-                print(table(points[-1:]).splitlines()[2], flush=True)
+                for c in in_process_conc:
+                    stats, n, stable = run_point(calls[w](b), concurrency=c, batch=b, window=args.window,
+                                                 max_time=args.max_time, warmup=args.warmup)
+                    points.append(Point(w, "in-process", c, b, stats, n, stable))
+                    print(table(points[-1:]).splitlines()[2], flush=True)
     print()
     print(table(points))
     if args.json:

@@ -4,8 +4,9 @@ one run (ratios side by side; these machines are shared and noisy).
     python -m tools.bench_report [--out docs/BENCHMARKS.md] [--workdir build/bench] [--preset ViT-B-32]
 
 1. PyTorch eager vs ONNX Runtime, both towers, batch 1 and 8 (interleaved repetitions).
-2. Served vs in-process (the latency benchmark, image and text, concurrency 1 and 8).
-3. The in-process scorer: a 20,000-image gallery against one 16-token query, as gallery
+2. Served (Triton's perf_analyzer) vs in-process (the engine in closed loop), image and text,
+   concurrency 1 and 8, with the server's queue / compute split.
+3. The in-process scorer and the search kernel: a 20,000-image gallery against one 16-token query, as gallery
    bytes/s against the measured memory-copy bandwidth, and as FLOP/s.
 Imports the engine (torch) lazily, like the benchmark's in-process side.
 """
@@ -127,23 +128,34 @@ def scorer(n: int = 20_000, query_tokens: int = 16, rounds: int = 3) -> tuple[li
 
 
 def served(repo: Path, tmp: Path) -> tuple[list[str], dict]:
+    """Served (Triton's perf_analyzer over gRPC, ``tools.bench --perf-analyzer``) and in-process
+    (the engine's own closed loop), image and text: concurrency 1 and 8 at batch 1, and
+    concurrency 1 at batch 8 (the in-process reference of the throughput target)."""
     import json
     from tools.bench import main as bench_main
-    js = tmp / "bench.json"
-    bench_main(["--repository", str(repo), "--workloads", "image,text", "--concurrency", "1,8", "--batch", "1",
-                "--window", "2", "--max-time", "16", "--in-process", "--json", str(js), "--plot", str(tmp / "bench.png")])
-    pts = json.loads(js.read_text())
-    # in-process batch 8 for the throughput target
-    bench_main(["--repository", str(repo), "--workloads", "image,text", "--concurrency", "1", "--batch", "8",
-                "--window", "2", "--max-time", "16", "--in-process", "--json", str(tmp / "bench8.json")])
-    pts += [p for p in json.loads((tmp / "bench8.json").read_text()) if p["mode"] == "in-process"]
+    pts = []
+    for conc, batch, name in (("1,8", "1", "bench"), ("1", "8", "bench8")):
+        js = tmp / f"{name}.json"
+        extra = ["--plot", str(tmp / "bench.png")] if name == "bench" else []
+        rc = bench_main(["--repository", str(repo), "--workloads", "image,text", "--concurrency", conc, "--batch", batch,
+                         "--window", "2", "--max-time", "16", "--in-process", "--perf-analyzer", "--json", str(js), *extra])
+        if rc != 0:
+            raise SystemExit(f"the served benchmark (tools.bench --perf-analyzer) failed with exit code {rc}")
+        pts += json.loads(js.read_text())
+    nan = float("nan")
+
+    def na(x, digits):   # NaN: not reported (perf_analyzer has no max; in-process has no server split)
+        return "n/a" if x is None or x != x else f"{x:.{digits}f}"
+
     rows = []
-    for p in pts:
+    for p in sorted(pts, key=lambda p: (p["workload"], p["batch"], p["concurrency"], p["mode"] != "served")):
         s, v = p["stats"], p["server"]
-        rows.append(f"| {p['workload']} | {p['mode']} | {p['concurrency']} | {p['batch']} | {s['throughput']:.1f} | "
-                    f"{s['p50']:.1f} | {s['p90']:.1f} | {s['p99']:.1f} | {s['errors']} | "
-                    f"{v.get('queue_ms', float('nan')):.2f} | {v.get('compute_infer_ms', float('nan')):.1f} | "
-                    f"{v.get('realised_batch', float('nan')):.2f} |")
+        by = "perf_analyzer" if p.get("source") == "perf_analyzer" else "closed loop"
+        rows.append(f"| {p['workload']} | {p['mode']} | {by} | {p['concurrency']} | {p['batch']} | {s['throughput']:.1f} | "
+                    f"{s['p50']:.1f} | {s['p90']:.1f} | {s['p99']:.1f} | {na(s['max'], 1)} | {s['errors']} | "
+                    f"{na(v.get('queue_ms', nan), 2)} | {na(v.get('compute_input_ms', nan), 2)} | "
+                    f"{na(v.get('compute_infer_ms', nan), 1)} | {na(v.get('compute_output_ms', nan), 2)} | "
+                    f"{na(v.get('realised_batch', nan), 2)} |")
     return rows, {(p["workload"], p["mode"], p["concurrency"], p["batch"]): p["stats"] for p in pts}
 
 
@@ -198,14 +210,15 @@ def main(argv: list[str] | None = None) -> int:
 
     (img1_s, img1_ip), (txt1_s, txt1_ip) = single["image"], single["text"]
     img8_s, img8_ip = st[("image", "served", 8, 1)], st[("image", "in-process", 1, 8)]
+    model_name = "ViT-B/32" if args.preset == "ViT-B-32" else args.preset
     targets = [
         ("ONNX Runtime image tower >= 1.3x PyTorch eager throughput at batch 8", f"{ratios[('image', 8)]:.2f}x",
          ratios[("image", 8)] >= 1.3),
         ("served single-image p50 <= 1.2x in-process p50 + 3 ms (interleaved rounds)",
          f"{img1_s:.1f} ms vs limit {1.2 * img1_ip + 3:.1f} ms (in-process {img1_ip:.1f} ms)", img1_s <= 1.2 * img1_ip + 3),
-        ("served image throughput at concurrency 8 >= 0.8x in-process batch-8 throughput",
-         f"{img8_s['throughput']:.1f} vs {img8_ip['throughput']:.1f} items/s = {img8_s['throughput'] / img8_ip['throughput']:.2f}x",
-         img8_s["throughput"] >= 0.8 * img8_ip["throughput"]),
+        (f"served image throughput at concurrency 8 >= 0.9x in-process batch-8 throughput ({model_name})",
+         f"{img8_s['throughput']:.1f} (perf_analyzer, batch 1) vs {img8_ip['throughput']:.1f} items/s = "
+         f"{img8_s['throughput'] / img8_ip['throughput']:.2f}x", img8_s["throughput"] >= 0.9 * img8_ip["throughput"]),
         ("in-process scorer >= 50% of memory-copy bandwidth (fp16 gallery)", f"{100 * sc['float16'][1]:.0f}%",
          sc["float16"][1] >= 0.5),
     ]
@@ -223,12 +236,16 @@ def main(argv: list[str] | None = None) -> int:
         "| tower | batch | torch ms | torch items/s | ORT ms | ORT items/s | ORT speed-up |", "|---|---|---|---|---|---|---|",
         *tower_rows, "",
         "## Served vs in-process", "",
-        "`python -m tools.bench`: closed loop, 640x480 JPEGs (tens of KiB) and 8-20-word captions; served through "
-        "tritonserver + gRPC client; in-process = the same engine on ONNX Runtime without a server (decode and "
-        "tokenisation included on both sides). Server columns from Triton's statistics API: mean queue and "
-        "compute-infer time per execution, realised dynamic batch size.", "",
-        "| workload | mode | concurrency | batch | items/s | p50 ms | p90 ms | p99 ms | errors | queue ms | infer ms | realised batch |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "`python -m tools.bench --perf-analyzer --in-process`, 640x480 JPEGs (tens of KiB) and 8-20-word captions. "
+        "Served: tritonserver measured by Triton's perf_analyzer over gRPC (synchronous closed loop, 3 s windows "
+        "until the last 3 agree within 20%); in-process: the same engine on ONNX Runtime without a server, "
+        "measured by the tool's own closed loop with as many threads as the concurrency (decode and "
+        "tokenisation included on both sides). perf_analyzer reports no maximum latency (n/a). Server columns "
+        "(served only), from Triton's statistics API as perf_analyzer reports them: mean queue, compute input, "
+        "compute infer and compute output time per request, realised dynamic batch size.", "",
+        "| workload | mode | measured by | concurrency | batch | items/s | p50 ms | p90 ms | p99 ms | max ms | errors | "
+        "queue ms | input ms | infer ms | output ms | realised batch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *served_rows, "",
         "## Late-interaction scorer (in-process)", "",
         "One 16-token query against a 20,000-image gallery of 49 tokens x 256 dims: the scorer (s_I and s_T of every pair), the gallery-search kernel (s_T) and the torch path, side by side.", "",
