@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from filip_contract import models as M
-from filip_contract.errors import TRITON_CODES, Fault, FilipOverloadedError, FilipServerError, fault_of
+from filip_contract.errors import TRITON_CODES, Fault, FilipOverloadedError, FilipServerError, fault_of, is_overload_message
 
 from .errors import InvalidInputError
 from .serving import Result, triton_context
@@ -51,12 +51,15 @@ def to_triton_responses(pb_utils, model: M.Model, results: Sequence[Result]) -> 
 
 
 def bls_error(pb_utils, error, what: str) -> Exception:
-    """The error a BLS call to another served model answered with, as ours (same fault)."""
+    """The error a BLS call to another served model answered with, as ours.  Triton hands such
+    errors over as INTERNAL whatever code the other model answered with, so the caller's input
+    is validated before the call (search checks its query texts itself) and overload is told by
+    Triton's wording of a queue refusal."""
     message = f"{what}: {error.message()}"
     code = error.code() if hasattr(error, "code") else None
     if code == getattr(pb_utils.TritonError, TRITON_CODES[Fault.CALLER], object()):
         return InvalidInputError(message)
-    if code == getattr(pb_utils.TritonError, TRITON_CODES[Fault.OVERLOAD], object()):
+    if code == getattr(pb_utils.TritonError, TRITON_CODES[Fault.OVERLOAD], object()) or is_overload_message(message):
         return FilipOverloadedError(message)
     return FilipServerError(message)
 

@@ -36,11 +36,11 @@ import numpy as np
 from filip_contract.gallery_reader import Gallery
 from filip_contract.gallery_writer import GalleryWriter
 from filip_contract.limits import (DEFAULT_CANDIDATES, DEFAULT_K, DEFAULT_MODE, MAX_CANDIDATES, MAX_K, MAX_QUERIES,
-                                   SEARCH_MODES)
+                                   SEARCH_MODES, ServingLimits)
 
 from .errors import FilipError, GalleryError, InvalidInputError
 from .maxsim import MaxSimKernel, Queries
-from .serving import utf8
+from .serving import decode_texts, utf8
 
 CHUNK_IMAGES = 200                # ~5 MB of fp16 B/32 tokens per kernel call (measured best: 100-200)
 
@@ -263,6 +263,7 @@ class SearchEndpoint:
         # default: "galleries" beside the model repository (version_dir is <repo>/filip_search/1)
         self.root = Path(root) if root else Path(version_dir or "./x/1").resolve().parent.parent.parent / "galleries"
         self.embed_texts = embed_texts
+        self.limits = ServingLimits.from_params(params)
         self.verify = params.get("gallery_verify", "full")
         self.load = params.get("gallery_load", "auto")
         self.first_stage = params.get("first_stage", "auto")        # auto | flat | ivf | qdrant
@@ -326,9 +327,11 @@ class SearchEndpoint:
         if self.searcher is None:
             raise GalleryError(f"no gallery is loaded ({self.load_error}); index one into {self.root}/<name> "
                                "and send RELOAD with its name")
-        texts = _strings(inputs["TEXT"], "TEXT")
-        if not 1 <= len(texts) <= MAX_QUERIES:
-            raise InvalidInputError(f"{len(texts)} queries in one request; give 1 to {MAX_QUERIES}")
+        raw = np.asarray(inputs["TEXT"], dtype=object).reshape(-1)
+        if not 1 <= len(raw) <= MAX_QUERIES:
+            raise InvalidInputError(f"{len(raw)} queries in one request; give 1 to {MAX_QUERIES}")
+        # the text front end's own checks, here: an error from it through BLS no longer says whose fault it is
+        texts = decode_texts(raw, self.limits)
         k = _scalar_int(inputs["K"], "K", 1, MAX_K) if inputs.get("K") is not None else DEFAULT_K
         mode = _scalar_str(inputs["MODE"], "MODE") if inputs.get("MODE") is not None else DEFAULT_MODE
         cands = (_scalar_int(inputs["CANDIDATES"], "CANDIDATES", 1, MAX_CANDIDATES)

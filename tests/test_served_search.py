@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from filip_client import AsyncFilipClient, FilipClient, FilipInvalidInputError, FilipServerError
+from filip_client import AsyncFilipClient, FilipClient, FilipError, FilipInvalidInputError, FilipServerError
 from filip_client.indexing import main as index_main
 from filip_export.launch import TritonServer
 from filip_export.to_trt import main as export_main
@@ -132,6 +132,65 @@ def test_index_on_the_server_needs_no_shared_filesystem(setup):
         assert (r.added, len(r.failed), r.total) == (14, 1, 14)
         assert Gallery.open(base / "galleries" / "remote-async").count == 14
         c.reload_gallery("default")
+
+
+def test_a_bad_query_through_filip_search_is_the_callers_fault(setup):
+    """filip_search checks its query texts itself (an error relayed from filip_text through BLS
+    arrives as INTERNAL, whatever its code): a raw request with a blank query is INVALID_ARGUMENT."""
+    import tritonclient.grpc as grpc
+    server, _, _ = setup
+    c = grpc.InferenceServerClient(server.url)
+    for query in (b"   ", b"\xff\xfe", b"x" * 5000):
+        text = grpc.InferInput("TEXT", [1], "BYTES")
+        text.set_data_from_numpy(np.array([query], dtype=object))
+        with pytest.raises(Exception) as e:
+            c.infer("filip_search", [text])
+        assert "INVALID_ARGUMENT" in str(e.value.status()), (query[:8], e.value)
+
+
+def test_overload_of_filip_text_seen_through_search_is_overload(tiny_checkpoint, tmp_path):
+    """With a queue bound of 1 on the encoders and filip_text flooded, searches whose BLS call
+    filip_text refuses answer UNAVAILABLE (FilipOverloadedError, which clients retry), not a
+    server or caller error."""
+    import threading
+    import time
+
+    import tritonclient.grpc as grpc
+    from filip_client import FilipOverloadedError
+    repo = tmp_path / "triton_models"
+    assert export_main([str(tiny_checkpoint), "--out", str(repo), "--max-batch", "2", "--max-queue-size", "1"]) == 0
+    imgs = [np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8) for i in range(4)]
+    with TritonServer(repo) as server:
+        with FilipClient(server.url) as c:
+            c.index_images(imgs, "default", ids=[f"i{i}" for i in range(4)], on_server=True, progress=False)
+            c.reload_gallery("default")
+        stop = time.monotonic() + 4
+
+        def flood():
+            cl = grpc.InferenceServerClient(server.url)
+            x = grpc.InferInput("TEXT", [1, 1], "BYTES")
+            x.set_data_from_numpy(np.array([b"word " * 300], dtype=object).reshape(1, 1))
+            while time.monotonic() < stop:
+                try:
+                    cl.infer("filip_text", [x])
+                except Exception:
+                    pass
+        threads = [threading.Thread(target=flood) for _ in range(16)]
+        for t in threads:
+            t.start()
+        outcomes = []
+        with FilipClient(server.url, max_retries=0, timeout=10) as c:
+            while time.monotonic() < stop:
+                try:
+                    c.search(["a photo"], k=2)
+                    outcomes.append("ok")
+                except FilipError as e:
+                    outcomes.append(type(e).__name__)
+        for t in threads:
+            t.join()
+    kinds = set(outcomes)
+    assert FilipOverloadedError.__name__ in kinds, outcomes[:20]
+    assert kinds <= {"ok", FilipOverloadedError.__name__}, kinds
 
 
 def test_corrupt_gallery_refused_and_previous_kept(setup):

@@ -13,7 +13,7 @@ kinds only a client meets, each raised ``from`` the underlying gRPC/Triton error
 from __future__ import annotations
 
 from filip_contract.errors import (GRPC_STATUS, Fault, FilipError, FilipInvalidInputError, FilipOverloadedError,
-                                   FilipServerError)
+                                   FilipServerError, is_overload_message)
 
 __all__ = ["FilipError", "FilipConnectionError", "FilipTimeoutError", "FilipInvalidInputError", "FilipServerError",
            "FilipOverloadedError", "from_triton"]
@@ -30,7 +30,6 @@ class FilipTimeoutError(FilipError, TimeoutError):
 # UNAVAILABLE is what Triton's queue answers when it refuses a request (overload), what gRPC
 # reports when it cannot reach the server, and what Triton answers for a few states of its own
 # (a restricted protocol without its header); only the message tells them apart.
-_OVERLOAD_MARKERS = ("exceeds maximum queue size", "request timeout expired")
 _CONNECTION_MARKERS = ("failed to connect", "connection refused", "connect failed", "socket closed", "connection reset",
                        "dns resolution failed", "handshake", "ssl", "end of tcp stream", "broken pipe", "goaway")
 
@@ -50,7 +49,7 @@ def from_triton(exc: Exception, what: str) -> FilipError:
         return FilipTimeoutError(text)
     if name == GRPC_STATUS[Fault.OVERLOAD]:
         low = msg.lower()
-        if any(m in low for m in _OVERLOAD_MARKERS):
+        if is_overload_message(msg):
             return FilipOverloadedError(text, status)
         if any(m in low for m in _CONNECTION_MARKERS):
             return FilipConnectionError(text)

@@ -35,6 +35,15 @@ class Fault(str, Enum):
 TRITON_CODES = {Fault.CALLER: "INVALID_ARG", Fault.SERVER: "INTERNAL", Fault.OVERLOAD: "UNAVAILABLE"}
 # the gRPC status a client then sees (Triton's own queue refusals are UNAVAILABLE too)
 GRPC_STATUS = {Fault.CALLER: "INVALID_ARGUMENT", Fault.SERVER: "INTERNAL", Fault.OVERLOAD: "UNAVAILABLE"}
+# How Triton words its queue's refusals (a full queue, a queue timeout).  The code alone cannot
+# say overload: gRPC reports an unreachable server as UNAVAILABLE too, and an error a served
+# model receives from another one through BLS arrives as INTERNAL whatever its code was.
+OVERLOAD_MESSAGES = ("exceeds maximum queue size", "request timeout expired")
+
+
+def is_overload_message(message: str) -> bool:
+    low = message.lower()
+    return any(m in low for m in OVERLOAD_MESSAGES)
 
 
 class FilipError(Exception):
