@@ -1,44 +1,58 @@
-"""Image preprocessing: decode any accepted input to RGB, then CLIP's evaluation transform.
+"""Image preprocessing: decode any accepted input, then the checkpoint's own eval transform.
 
 Two stages, both exact and both usable alone:
 
-1. :func:`load_image` turns a path, encoded bytes, a PIL image or a uint8 numpy array into
-   an RGB ``PIL.Image``: size limits checked from the header before any pixel is decoded,
-   full decode (``.load()``, so a truncated file fails here, not later), EXIF orientation
-   applied, the first frame of an animation, every mode converted to RGB.
-2. :meth:`ImageTransform.from_rgb` is OpenCLIP's default eval transform
-   (``image_transform(size, is_train=False)``, resize_mode ``'shortest'``), i.e.
-   torchvision ``Resize(size, BICUBIC) -> CenterCrop(size) -> ToTensor -> Normalize``
-   with CLIP's mean/std, reproduced with Pillow + numpy to the bit:
+1. :func:`decode_image` turns a path, encoded bytes, a PIL image or a uint8 numpy array into
+   an upright ``PIL.Image`` in its own pixel mode: size limits checked from the header
+   before any pixel is decoded, full decode (``.load()``, so a truncated file fails here,
+   not later), EXIF orientation applied, the first frame of an animation.
+   :func:`load_image` is the same converted to RGB.
+2. :class:`ImageTransform` is the eval transform of the checkpoint's own library, a recipe
+   that travels with the exported repository (:meth:`ImageTransform.to_dict`):
 
-   - Resize: shortest side to ``size``, long side ``int(size * long / short)``
-     (torchvision truncates), ``PIL.Image.resize(..., BICUBIC)``;
-   - CenterCrop: offsets ``int(round((h - size) / 2.0))``; zero padding first where the
-     image is smaller than the crop (cannot happen after the resize; kept for fidelity);
-   - ToTensor / Normalize: ``uint8 / 255`` then ``(x - mean) / std``, all in float32, CHW.
+   - ``"openclip"``: OpenCLIP's ``image_transform(size, is_train=False)`` (resize_mode
+     ``'shortest'``; OpenAI CLIP's ``preprocess`` is the same), i.e. torchvision
+     ``Resize(size, BICUBIC) -> CenterCrop(size) -> convert("RGB") -> ToTensor ->
+     Normalize``, reproduced with the same Pillow calls in the same order, so the result
+     is identical to the bit in every pixel mode:
+
+     - Resize: shortest side to ``size``, long side ``int(size * long / short)``
+       (truncated), ``PIL.Image.resize(..., BICUBIC)`` *in the image's own mode*, which
+       carries Pillow's per-mode rules: "P" and "1" are resampled NEAREST whatever filter
+       is asked, "RGBA" and "LA" in premultiplied alpha;
+     - CenterCrop: offsets ``int(round((h - size) / 2.0))``;
+     - then ``convert("RGB")`` (alpha and palette transparency dropped, no compositing);
+     - ToTensor / Normalize: ``uint8 / 255`` then ``(x - mean) / std``, float32, CHW.
+   - ``"transformers"``: Hugging Face's ``CLIPImageProcessor``: ``convert("RGB")`` *first*,
+     the same Resize, a centre crop with floored offsets (``(h - size) // 2``), rescale by
+     ``1/255`` in float64 then float32, normalise.
 
    Enlarging a thin image can make the resized image itself huge (a 2 x 100,000 banner
    resized to 224 x 11,200,000). Past ``_EXACT_RESIZE_MAX_PIXELS``, the long-axis pass is
    computed only for the pixels the crop keeps, replicating Pillow's fixed-point bicubic
-   arithmetic, so the result stays identical (a test checks it bit for bit against the full
-   resize, which also pins Pillow's pass order) while memory stays bounded. Shrinking never
-   needs this: Pillow's buffers then stay within the source's size.
+   arithmetic (and, for NEAREST, its running sum of source positions), so the result stays
+   identical (a test checks it bit for bit against the full resize in every such mode,
+   which also pins Pillow's pass order) while memory stays bounded. Shrinking never needs
+   this: Pillow's buffers then stay within the source's size.
 
-Conventions (the choices CLIP leaves open, made once here):
+Where the engine deliberately differs from the references (documented in the README):
 
-- Conversion to RGB happens *before* resizing. For RGB and greyscale inputs this equals
-  OpenCLIP's order (it resizes first and calls ``convert("RGB")`` last) to the bit; for
-  palette and 1-bit images it avoids Pillow's silent switch to NEAREST resampling, for
-  16-bit images the saturation of ``convert("RGB")``.
-- Alpha is dropped, as CLIP's ``convert("RGB")`` drops it: the stored colour of every pixel
-  is kept whatever its opacity (no compositing on a background). Palette transparency is
-  ignored the same way.
+- EXIF orientation is applied (OpenCLIP and transformers apply none: a phone photo stored
+  sideways would be embedded sideways).
 - 16-bit samples (modes ``I;16``, ``I;16L``, ``I;16B``, ``I;16N``) keep their high byte
-  (``v >> 8``), so mid-grey stays mid-grey. Mode ``I`` (32-bit integer, how Pillow holds
-  some 16-bit files) is taken as 16-bit data: clipped to 0..65535, then ``>> 8``.
-  Floating-point images (mode ``F``) have no defined 0..255 scale and are refused.
+  (``v >> 8``), so mid-grey stays mid-grey; ``convert("RGB")`` in the references clips
+  everything above 255 to white. Mode ``I`` (32-bit integer, how Pillow holds some 16-bit
+  files) is taken as 16-bit data: clipped to 0..65535, then ``>> 8``. Floating-point images
+  (mode ``F``) have no defined 0..255 scale and are refused.
+- PIL images in modes no image file stores (``La``, ``RGBa``, ``HSV``:
+  :data:`filip_contract.images.UNSTORED_MODES`) are first converted to ``LA``, ``RGBA``,
+  ``RGB``, as the client sends them, so in-process and served results agree.
+
+Other conventions:
+
 - No colour management: embedded ICC profiles are ignored, as in CLIP.
-- A numpy array is HxW (grey), HxWx1, HxWx3 (RGB, not OpenCV's BGR) or HxWx4 (RGBA), uint8.
+- A numpy array is HxW (grey), HxWx1, HxWx3 (RGB, not OpenCV's BGR) or HxWx4 (RGBA), uint8;
+  it is the image Pillow's ``fromarray`` makes of it (L, RGB or RGBA).
 - A PIL image is used as given (its current frame), with its EXIF orientation applied.
 - An EXIF block that cannot be parsed is treated as "no orientation", as browsers do.
 - Only common raster formats are decoded (:data:`SUPPORTED_FORMATS`); Pillow's other
@@ -68,11 +82,13 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
+from filip_contract.images import UNSTORED_MODES
+
 from .errors import ImageDecodeError, InvalidInputError
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "DEFAULT_MAX_PIXELS", "DEFAULT_MAX_BYTES", "SUPPORTED_FORMATS",
-    "ImageInput", "ImageTransform", "load_image",
+    "ImageInput", "ImageTransform", "RECIPES", "decode_image", "load_image",
 ]
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -101,17 +117,16 @@ _EXIF_TRANSPOSE = {
     6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
 }
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-_CONVERTIBLE_MODES = ("1", "L", "LA", "P", "PA", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+_CONVERTIBLE_MODES = ("1", "L", "LA", "P", "PA", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB")
 
 
-# --- stage 1: any input -> RGB PIL image ---------------------------------------------------
-def load_image(src: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-               max_bytes: int = DEFAULT_MAX_BYTES) -> Image.Image:
-    """Decode ``src`` fully and return it as an RGB image with its EXIF orientation applied.
-
-    Raises :class:`ImageDecodeError` for anything that is not a readable image within the
-    limits. The result may be ``src`` itself when that is an upright RGB PIL image.
-    """
+# --- stage 1: any input -> an upright PIL image in its own mode -------------------------
+def decode_image(src: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> Image.Image:
+    """Decode ``src`` fully and return it upright (EXIF orientation applied), in its own
+    pixel mode (what the reference resizes in), except that 16-bit and 32-bit integer
+    greyscale become 8-bit "L" (``v >> 8``). Raises :class:`ImageDecodeError` for anything
+    that is not a readable image within the limits or has a mode the engine cannot convert."""
     _check_limit("max_pixels", max_pixels)
     _check_limit("max_bytes", max_bytes)
     if isinstance(src, Image.Image):
@@ -135,7 +150,15 @@ def load_image(src: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise ImageDecodeError(
             f"unsupported image input of type {type(src).__module__}.{type(src).__qualname__}; "
             "expected a path, encoded bytes, a PIL image or a uint8 numpy array")
-    return _to_rgb(_upright(src), what)
+    return _source_mode(_upright(src), what)
+
+
+def load_image(src: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_bytes: int = DEFAULT_MAX_BYTES) -> Image.Image:
+    """:func:`decode_image`, then converted to RGB (alpha and palette transparency dropped,
+    as ``convert("RGB")`` drops them). The result may be ``src`` itself when that is an
+    upright RGB PIL image."""
+    return _to_rgb(decode_image(src, max_pixels=max_pixels, max_bytes=max_bytes), "image")
 
 
 def _check_limit(name: str, value: int) -> None:
@@ -250,23 +273,27 @@ def _upright(img: Image.Image) -> Image.Image:
     return img if method is None else img.transpose(method)
 
 
-def _to_rgb(img: Image.Image, what: str) -> Image.Image:
+def _source_mode(img: Image.Image, what: str) -> Image.Image:
+    """Check the mode; 16-bit / 32-bit integer greyscale -> "L" by ``v >> 8``."""
     mode = img.mode
-    if mode == "RGB":
-        return img
     if mode in _SIXTEEN_BIT_MODES:
         samples = np.asarray(img)           # uint16 (either byte order) or int32 for "I"
         if mode == "I":
             samples = np.clip(samples, 0, 65535)
-        grey = (samples >> 8).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    if mode == "La":                        # Pillow has no La -> RGB conversion
-        return img.convert("LA").convert("RGB")
-    if mode in _CONVERTIBLE_MODES:
-        return img.convert("RGB")           # drops alpha, like CLIP's convert("RGB")
+        return Image.fromarray((samples >> 8).astype(np.uint8))
+    if mode in UNSTORED_MODES:              # modes no file stores: as the client sends them
+        return img.convert(UNSTORED_MODES[mode])
+    if mode == "RGB" or mode in _CONVERTIBLE_MODES:
+        return img
     raise ImageDecodeError(
-        f"{what} has unsupported pixel mode {mode!r}; supported: RGB, La, "
-        f"{', '.join(_CONVERTIBLE_MODES + _SIXTEEN_BIT_MODES)}")
+        f"{what} has unsupported pixel mode {mode!r}; supported: RGB, "
+        f"{', '.join(_CONVERTIBLE_MODES + tuple(UNSTORED_MODES) + _SIXTEEN_BIT_MODES)}")
+
+
+def _to_rgb(img: Image.Image, what: str) -> Image.Image:
+    """``convert("RGB")`` of a mode :func:`_source_mode` accepted (it drops alpha)."""
+    mode = img.mode
+    return img if mode == "RGB" else img.convert("RGB")
 
 
 def _from_array(arr: np.ndarray, max_pixels: int) -> Image.Image:
@@ -283,16 +310,26 @@ def _from_array(arr: np.ndarray, max_pixels: int) -> Image.Image:
     _check_pixels((arr.shape[1], arr.shape[0]), max_pixels, what)
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
-    img = Image.fromarray(np.ascontiguousarray(arr))   # L, RGB or RGBA
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return Image.fromarray(np.ascontiguousarray(arr))   # L, RGB or RGBA
 
 
-# --- stage 2: RGB image -> normalised CHW float32 ------------------------------------------
+# --- stage 2: resize + centre crop in the image's own mode, then RGB, then normalise -----
 def _resized_size(w: int, h: int, size: int) -> tuple[int, int]:
-    """torchvision ``Resize(size)`` for an int size: shortest side -> size, long side truncated."""
+    """``Resize(size)`` for an int size (torchvision and transformers agree): shortest side
+    -> size, long side ``int(size * long / short)`` (truncated)."""
     if w <= h:
         return size, int(size * h / w)
     return int(size * w / h), size
+
+
+def _offset_round(excess: int) -> int:
+    """torchvision ``CenterCrop``: ``int(round(excess / 2.0))`` (half to even)."""
+    return int(round(excess / 2.0))
+
+
+def _offset_floor(excess: int) -> int:
+    """transformers ``center_crop``: ``excess // 2``."""
+    return excess // 2
 
 
 def _center_crop(arr: np.ndarray, size: int) -> np.ndarray:
@@ -302,34 +339,88 @@ def _center_crop(arr: np.ndarray, size: int) -> np.ndarray:
         pad_h, pad_w = max(size - h, 0), max(size - w, 0)
         arr = np.pad(arr, ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2), (0, 0)))
         h, w = arr.shape[:2]
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    top, left = _offset_round(h - size), _offset_round(w - size)
     return arr[top:top + size, left:left + size]
 
 
-def _resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
-    """Resize(size, BICUBIC) + CenterCrop(size) on an RGB image -> uint8 [size, size, 3]."""
+def _resize_crop(img: Image.Image, resize: int, crop: int, offset=_offset_round) -> Image.Image:
+    """``Resize(resize, BICUBIC)`` then ``CenterCrop(crop)`` (``crop <= resize``) in the
+    image's own mode, as torchvision and transformers call Pillow: ``img.resize`` (so
+    Pillow's per-mode rules hold: NEAREST for "P" and "1", premultiplied alpha for "RGBA"
+    and "LA") and ``img.crop``. Returns a ``crop`` x ``crop`` image in the same mode."""
     w, h = img.size
-    new_w, new_h = _resized_size(w, h, size)
+    new_w, new_h = _resized_size(w, h, resize)
+    left, top = offset(new_w - crop), offset(new_h - crop)
     # Shrinking keeps Pillow's buffers within the source's size; enlarging a thin image
-    # does not (its long side grows by size / short), so past a budget only the cropped
+    # does not (its long side grows by resize / short), so past a budget only the cropped
     # window of the long axis is computed.
-    if min(w, h) >= size or new_w * max(h, new_h) <= _EXACT_RESIZE_MAX_PIXELS:
-        if (new_w, new_h) != (w, h):
-            img = img.resize((new_w, new_h), _BICUBIC)
-        return _center_crop(np.asarray(img), size)
-    # Enlarging: Pillow runs the horizontal pass first (it goes vertical-first only when
-    # the height shrinks), each pass a 1-D filter applied row by row / column by column.
+    if min(w, h) >= resize or new_w * max(h, new_h) <= _EXACT_RESIZE_MAX_PIXELS:
+        return img.resize((new_w, new_h), _BICUBIC).crop((left, top, left + crop, top + crop))
+    return _resize_crop_window(img, (new_w, new_h), (left, top), crop)
+
+
+def _channels(img: Image.Image) -> np.ndarray:
+    arr = np.asarray(img)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _resize_crop_window(img: Image.Image, new_size: tuple[int, int], corner: tuple[int, int],
+                        crop: int) -> Image.Image:
+    """:func:`_resize_crop` for an enlarged thin image, computing only the kept window."""
+    (w, h), (new_w, new_h), (left, top) = img.size, new_size, corner
+    mode = img.mode
+    if mode in ("P", "1"):
+        # Pillow resizes these with NEAREST whatever filter is asked; a palette lookup (or
+        # 0/1 -> 0/255) commutes with picking pixels, so pick from the RGB image.
+        rows = _nearest_sources(h, new_h, top, crop)
+        cols = _nearest_sources(w, new_w, left, crop)
+        return Image.fromarray(np.ascontiguousarray(np.asarray(img.convert("RGB"))[rows][:, cols]))
+    # Pillow resizes RGBA and LA in premultiplied alpha (RGBa, La) and converts back.
+    work = img.convert({"RGBA": "RGBa", "LA": "La"}[mode]) if mode in ("RGBA", "LA") else img
+    # Enlarging: Pillow runs the horizontal pass first (it goes vertical-first only when the
+    # height shrinks), each pass a 1-D filter applied row by row / column by column.
     if w < h:       # portrait: horizontal pass (Pillow), then the long vertical pass (ours)
-        top = int(round((new_h - size) / 2.0))
-        first, taps = _bicubic_taps(h, new_h, top, size)
+        first, taps = _bicubic_taps(h, new_h, top, crop)
         lo, hi = int(first.min()), min(int((first + taps.shape[1]).max()), h)
-        band = img.crop((0, lo, w, hi)).resize((size, hi - lo), _BICUBIC)   # [hi - lo, size]
-        return _resample_axis(np.asarray(band), 0, first - lo, taps)
-    left = int(round((new_w - size) / 2.0))  # landscape: the long horizontal pass (ours), then vertical (Pillow)
-    first, taps = _bicubic_taps(w, new_w, left, size)
-    lo, hi = int(first.min()), min(int((first + taps.shape[1]).max()), w)
-    band = np.asarray(img.crop((lo, 0, hi, h)))                           # [h, hi - lo, 3]
-    return np.asarray(Image.fromarray(_resample_axis(band, 1, first - lo, taps)).resize((size, size), _BICUBIC))
+        band = _channels(work.crop((0, lo, w, hi)).resize((new_w, hi - lo), _BICUBIC))
+        out = _resample_axis(np.ascontiguousarray(band[:, left:left + crop]), 0, first - lo, taps)
+    else:           # landscape: the long horizontal pass (ours), then the vertical one (Pillow)
+        first, taps = _bicubic_taps(w, new_w, left, crop)
+        lo, hi = int(first.min()), min(int((first + taps.shape[1]).max()), w)
+        cols = _resample_axis(_channels(work.crop((lo, 0, hi, h))), 1, first - lo, taps)  # [h, crop, C]
+        tall = Image.frombytes(work.mode, (crop, h), cols.tobytes()).resize((crop, new_h), _BICUBIC)
+        out = _channels(tall)[top:top + crop]
+    window = Image.frombytes(work.mode, (crop, crop), np.ascontiguousarray(out).tobytes())
+    return window.convert(mode) if work.mode != mode else window
+
+
+def _nearest_sources(in_size: int, out_size: int, start: int, count: int) -> np.ndarray:
+    """Source indices of Pillow's NEAREST resize for outputs ``start .. start+count-1`` of a
+    whole-axis resize ``in_size -> out_size``. Pillow (``ImagingScaleAffine``) starts at
+    ``x = a / 2`` with ``a = in_size / out_size`` and *adds* ``a`` once per output, in
+    doubles, taking ``int(x)``; the accumulated rounding matters (a closed form
+    ``int((i + 0.5) * a)`` differs), so the sum is reproduced exactly. Within one binade
+    every addition adds the same rounded step unless ``a`` sits exactly halfway between
+    two representable steps, so whole binades are skipped at once."""
+    a = in_size / out_size
+    x, n = a * 0.5, 0
+    while n < start:
+        ulp = math.ulp(x)
+        top = 2.0 ** (math.frexp(x)[1])          # x lies in [top / 2, top)
+        step = (x + a) - x
+        if math.fmod(a, ulp) * 2 != ulp and step > 0:
+            # x + j * step stays exact and equals j additions while the sums stay below `top`
+            room = int((top - ulp - a - x) // step)
+            jump = min(max(room, 0), start - n)
+            if jump > 0:
+                x, n = x + jump * step, n + jump
+                continue
+        x, n = x + a, n + 1
+    out = np.empty(count, np.int64)
+    for i in range(count):
+        out[i] = int(x)
+        x += a
+    return np.minimum(out, in_size - 1)
 
 
 def _bicubic(x: np.ndarray) -> np.ndarray:
@@ -378,22 +469,45 @@ def _resample_axis(arr: np.ndarray, axis: int, first: np.ndarray, taps: np.ndarr
     return np.clip(acc >> _PRECISION_BITS, 0, 255).astype(np.uint8)
 
 
+RECIPES = ("openclip", "transformers")
+
+
 @dataclass(frozen=True)
 class ImageTransform:
-    """CLIP's eval preprocessing for ``image_size`` x ``image_size`` towers.
+    """A checkpoint's eval preprocessing for ``image_size`` x ``image_size`` towers, as its
+    own library computes it (``recipe``):
+
+    - ``"openclip"``: OpenCLIP's ``image_transform(image_size, is_train=False)`` (and OpenAI
+      CLIP's ``preprocess``): Resize(shortest side -> ``resize_size``, BICUBIC) and
+      CenterCrop(``image_size``, offsets rounded) in the image's own mode, then
+      ``convert("RGB")``, ToTensor (``uint8 / 255`` in float32), Normalize.
+    - ``"transformers"``: ``CLIPImageProcessor``: ``convert("RGB")`` first, then the same
+      Resize, a centre crop with floored offsets, rescale (``uint8 * (1/255)`` in float64,
+      then float32) and normalise.
 
     ``transform(src)`` -> float32 [3, S, S]; ``transform.batch(srcs)`` -> [N, 3, S, S].
     Build it once and reuse it; it holds no state besides these settings.
     """
-    image_size: int
+    image_size: int                         # the crop: the tower's input resolution
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     max_pixels: int = DEFAULT_MAX_PIXELS    # checked from the header, before decoding
     max_bytes: int = DEFAULT_MAX_BYTES      # encoded input: bytes or file size
+    recipe: str = "openclip"
+    resize_size: int | None = None          # shortest side before the crop; None: image_size
 
     def __post_init__(self):
-        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
-            raise InvalidInputError(f"image_size must be a positive integer, got {self.image_size!r}")
+        for name in ("image_size", "resize_size"):
+            v = getattr(self, name)
+            if name == "resize_size" and v is None:
+                object.__setattr__(self, name, self.image_size)
+            elif isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InvalidInputError(f"{name} must be a positive integer, got {v!r}")
+        if self.resize_size < self.image_size:
+            raise InvalidInputError(f"resize_size {self.resize_size} is smaller than the crop "
+                                    f"image_size {self.image_size}")
+        if self.recipe not in RECIPES:
+            raise InvalidInputError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
         for name in ("mean", "std"):
             given = getattr(self, name)
             try:
@@ -408,9 +522,42 @@ class ImageTransform:
         _check_limit("max_pixels", self.max_pixels)
         _check_limit("max_bytes", self.max_bytes)
 
+    # --- the recipe as data (it travels in a repository's manifest) -----------------------
+    def to_dict(self) -> dict:
+        """The recipe (not the limits, which are the server's)."""
+        return {"recipe": self.recipe, "image_size": self.image_size, "resize_size": self.resize_size,
+                "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict, **limits) -> "ImageTransform":
+        try:
+            return cls(int(d["image_size"]), tuple(d["mean"]), tuple(d["std"]), recipe=str(d["recipe"]),
+                       resize_size=int(d["resize_size"]), **limits)
+        except (KeyError, TypeError, ValueError) as e:
+            raise InvalidInputError(f"invalid preprocessing recipe {d!r}: {e}") from e
+
+    @classmethod
+    def from_image_processor(cls, config: dict, **limits) -> "ImageTransform":
+        """The recipe of a transformers ``CLIPImageProcessor`` from its
+        ``preprocessor_config.json`` (already validated by the checkpoint loader)."""
+        crop = config["crop_size"]
+        crop = crop["height"] if isinstance(crop, dict) else int(crop)
+        size = config["size"]
+        size = size["shortest_edge"] if isinstance(size, dict) else int(size)
+        return cls(int(crop), tuple(config["image_mean"]), tuple(config["image_std"]),
+                   recipe="transformers", resize_size=int(size), **limits)
+
+    # --- applying it ------------------------------------------------------------------------
     def __call__(self, src: ImageInput) -> np.ndarray:
         """One image (any :data:`ImageInput`) -> float32 [3, S, S]."""
-        return self.from_rgb(load_image(src, max_pixels=self.max_pixels, max_bytes=self.max_bytes))
+        img = decode_image(src, max_pixels=self.max_pixels, max_bytes=self.max_bytes)
+        what = "image"
+        if self.recipe == "transformers":
+            img = _to_rgb(img, what)
+            window = _resize_crop(img, self.resize_size, self.image_size, _offset_floor)
+        else:
+            window = _to_rgb(_resize_crop(img, self.resize_size, self.image_size, _offset_round), what)
+        return self._normalise(np.asarray(window))
 
     def batch(self, srcs: Sequence[ImageInput], *, start: int = 0) -> np.ndarray:
         """Images -> float32 [N, 3, S, S]. Every item is tried; the error lists each bad index
@@ -443,8 +590,15 @@ class ImageTransform:
             got = f"mode {img.mode!r}" if isinstance(img, Image.Image) else type(img).__name__
             raise ImageDecodeError(f"from_rgb expects an RGB PIL image, got {got}; "
                                    "call the transform itself (or load_image) to convert other inputs")
-        pixels = _resize_center_crop(img, self.image_size)          # uint8 [S, S, 3]
-        x = pixels.transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)   # [3, S, S], ToTensor
-        mean = np.asarray(self.mean, np.float32).reshape(3, 1, 1)
-        std = np.asarray(self.std, np.float32).reshape(3, 1, 1)
-        return (x - mean) / std
+        offset = _offset_floor if self.recipe == "transformers" else _offset_round
+        return self._normalise(np.asarray(_resize_crop(img, self.resize_size, self.image_size, offset)))
+
+    def _normalise(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [S, S, 3] -> normalised float32 [3, S, S] in the recipe's arithmetic."""
+        if self.recipe == "transformers":      # rescale in float64 (numpy's default), then float32
+            x = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
+        else:                                  # torchvision ToTensor: float32 division
+            x = pixels.astype(np.float32) / np.float32(255.0)
+        mean = np.asarray(self.mean, np.float32)
+        std = np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(((x - mean) / std).transpose(2, 0, 1))

@@ -1,5 +1,6 @@
-"""engine.preprocess against an independent re-implementation of OpenCLIP's eval transform,
-on a real photograph, plus every mode conversion, EXIF orientation, the limits and errors.
+"""engine.preprocess against OpenCLIP's eval transform written out with Pillow calls in its
+order, on a real photograph, plus every pixel mode, EXIF orientation, the limits and errors.
+(tests/test_goldens.py checks the same against outputs of the real OpenCLIP + torchvision.)
 
 Fixture images are generated in tmp_path at test time; the only file read from disk is the
 photograph matplotlib ships (``mpl-data/sample_data/grace_hopper.jpg``, 512x600 JPEG).
@@ -131,7 +132,7 @@ def test_normalisation_is_torchvision_to_the_bit(photo):
     """ToTensor + Normalize with torch's own float32 ops gives exactly our numbers."""
     torch = pytest.importorskip("torch")
     t = ImageTransform(224)
-    crop = pp._resize_center_crop(photo, 224)                        # uint8 [224, 224, 3]
+    crop = np.asarray(pp._resize_crop(photo, 224, 224))                # uint8 [224, 224, 3]
     x = torch.from_numpy(np.array(crop)).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
     x = x.sub(torch.tensor(CLIP_MEAN)[:, None, None]).div(torch.tensor(CLIP_STD)[:, None, None])
     np.testing.assert_array_equal(t.from_rgb(photo), x.numpy())
@@ -139,28 +140,61 @@ def test_normalisation_is_torchvision_to_the_bit(photo):
 
 def test_custom_mean_std(photo):
     t = ImageTransform(64, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    expect = np.asarray(pp._resize_center_crop(photo, 64), np.float64).transpose(2, 0, 1) / 255 * 2 - 1
+    expect = np.asarray(pp._resize_crop(photo, 64, 64), np.float64).transpose(2, 0, 1) / 255 * 2 - 1
     assert max_abs(t(photo), expect) <= 1e-6
+
+
+THIN_MODES = ("RGB", "L", "P", "1", "RGBA", "LA", "CMYK", "PA")
 
 
 def test_thin_images_crop_path_is_exact(photo, monkeypatch):
     """Enlarging a thin image computes only the cropped window of the long axis; it must
-    equal the full resize + crop bit for bit (this also pins Pillow's pass order)."""
+    equal Pillow's full resize + crop bit for bit in every mode Pillow resizes its own way
+    (NEAREST for P and 1, premultiplied alpha for RGBA and LA), for both offset rules and a
+    resize larger than the crop (this also pins Pillow's pass order)."""
     rng = np.random.default_rng(7)
     cases = []
-    for i in range(24):
+    for i in range(48):
         size = int(rng.choice([7, 32, 224]))
-        short = int(rng.integers(1, size))
+        resize = size + int(rng.choice([0, 0, 5]))
+        short = int(rng.integers(1, resize))
         long = int(rng.integers(short, 2500))
         w, h = (short, long) if i % 2 else (long, short)
-        img = (Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) if i % 3 == 0
+        rgb = (Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) if i % 3 == 0
                else photo.resize((w, h), Image.BILINEAR))
-        cases.append((img, size))
-    exact = [pp._resize_center_crop(img, size) for img, size in cases]
+        mode = THIN_MODES[i % len(THIN_MODES)]
+        if mode in ("RGBA", "LA", "PA"):
+            alpha = Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8))
+            base = {"RGBA": rgb, "LA": rgb.convert("L"), "PA": rgb.quantize(32)}[mode].convert(mode)
+            base.putalpha(alpha)
+            img = base
+        else:
+            img = rgb.quantize(32) if mode == "P" else rgb.convert(mode)
+        assert img.mode == mode
+        cases.append((img, resize, size, pp._offset_floor if i % 4 == 1 else pp._offset_round))
+    # the full resize; P and 1 windows are picked from the RGB image, so compare in RGB
+    exact = [pp._resize_crop(*case) for case in cases]
+    exact = [np.asarray(im.convert("RGB") if im.mode in ("P", "1") else im) for im in exact]
     monkeypatch.setattr(pp, "_EXACT_RESIZE_MAX_PIXELS", 0)
-    for (img, size), want in zip(cases, exact):
-        got = pp._resize_center_crop(img, size)
-        np.testing.assert_array_equal(got, want, err_msg=f"{img.size} -> {size}")
+    for case, want in zip(cases, exact):
+        got = pp._resize_crop(*case)
+        assert got.mode == ("RGB" if case[0].mode in ("P", "1") else case[0].mode)
+        np.testing.assert_array_equal(np.asarray(got), want,
+                                      err_msg=f"{case[0].mode} {case[0].size} -> {case[1]}/{case[2]}")
+
+
+def test_nearest_sources_equal_pillow():
+    """Pillow's NEAREST picks come from a running sum of doubles, not a closed form."""
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        n_in = int(rng.integers(1, 200))
+        n_out = int(rng.integers(n_in, 40_000))
+        src = Image.fromarray(np.arange(n_in, dtype=np.int32)[None, :]).convert("I")
+        picks = np.asarray(src.resize((n_out, 1), Image.NEAREST))[0]
+        start = int(rng.integers(0, n_out))
+        count = min(int(rng.integers(1, 300)), n_out - start)
+        np.testing.assert_array_equal(pp._nearest_sources(n_in, n_out, start, count), picks[start:start + count],
+                                      err_msg=f"{n_in} -> {n_out} from {start}")
 
 
 def test_extreme_banner_is_fast_and_bounded():
@@ -204,21 +238,25 @@ def test_greyscale_equals_openclip_order(small):
     assert (rgb == np.asarray(grey)[:, :, None]).all()
 
 
-def test_la_and_rgba_drop_alpha(small):
+def test_la_and_rgba_resize_premultiplied_then_drop_alpha(small):
+    """OpenCLIP resizes RGBA / LA in their own mode (Pillow premultiplies alpha for that)
+    and drops alpha only at its final convert("RGB"); converting first would differ."""
     rng = np.random.default_rng(1)
     t = ImageTransform(48)
     rgb = np.asarray(small)
     alpha = rng.integers(0, 256, rgb.shape[:2], dtype=np.uint8)
     rgba = Image.open(io.BytesIO(encode(Image.fromarray(np.dstack([rgb, alpha])), "PNG")))
     assert rgba.mode == "RGBA"
-    np.testing.assert_array_equal(t(rgba), t(rgb))
-    np.testing.assert_array_equal(t(np.dstack([rgb, alpha])), t(rgb))         # HxWx4 array
+    assert max_abs(t(rgba), reference_clip_transform(rgba, 48)) <= 1e-6
+    assert max_abs(t(rgba), t(rgb)) > 0.1                                      # alpha matters
+    np.testing.assert_array_equal(t(np.dstack([rgb, alpha])), t(rgba))         # HxWx4 array = RGBA
     grey = np.asarray(small.convert("L"))
     la = Image.open(io.BytesIO(encode(Image.fromarray(np.dstack([grey, alpha])), "PNG")))
     assert la.mode == "LA"
-    np.testing.assert_array_equal(t(la), t(np.dstack([grey] * 3)))
+    assert max_abs(t(la), reference_clip_transform(la, 48)) <= 1e-6
     np.testing.assert_array_equal(t(grey), t(grey[:, :, None]))               # HxW, HxWx1
-    opaque = Image.fromarray(np.dstack([rgb, np.full_like(alpha, 255)]))      # = OpenCLIP's order
+    opaque = Image.fromarray(np.dstack([rgb, np.full_like(alpha, 255)]))      # opaque: same as RGB
+    np.testing.assert_array_equal(t(opaque), t(rgb))
     assert max_abs(t(opaque), reference_clip_transform(opaque, 48)) <= 1e-6
 
 
@@ -226,19 +264,23 @@ def test_real_rgba_png(photo_path):
     path = photo_path.parent / "Minduka_Present_Blue_Pack.png"                 # 128x128 RGBA
     with Image.open(path) as im:
         assert im.mode == "RGBA"
-        rgb = np.asarray(im)[:, :, :3]
-    np.testing.assert_array_equal(ImageTransform(64)(path), ImageTransform(64)(rgb))
+        assert max_abs(ImageTransform(64)(path), reference_clip_transform(im, 64)) <= 1e-6
 
 
 @pytest.mark.parametrize("transparency", [False, True])
-def test_palette(small, transparency):
+def test_palette_resizes_nearest_like_openclip(small, transparency):
+    """Pillow resizes "P" with NEAREST whatever filter is asked, and OpenCLIP converts to RGB
+    after resizing, so palette images are resampled NEAREST; transparency is dropped."""
     p = small.quantize(64)
     data = encode(p, "PNG", **({"transparency": 5} if transparency else {}))
     dec = Image.open(io.BytesIO(data))
     assert dec.mode == "P" and ("transparency" in dec.info) == transparency
+    assert max_abs(ImageTransform(40)(data), reference_clip_transform(dec, 40)) <= 1e-6
     palette = np.array(dec.getpalette(), np.uint8).reshape(-1, 3)
     rgb = palette[np.asarray(dec)]                                             # palette lookup by hand
-    np.testing.assert_array_equal(ImageTransform(40)(data), ImageTransform(40)(rgb))
+    nearest = np.asarray(Image.fromarray(rgb).resize((53, 40), Image.NEAREST).crop((6, 0, 46, 40)))
+    x = (nearest.astype(np.float32) / np.float32(255) - np.float32(CLIP_MEAN)) / np.float32(CLIP_STD)
+    assert max_abs(ImageTransform(40)(data), x.transpose(2, 0, 1)) <= 1e-6
 
 
 def test_cmyk_jpeg(small):
@@ -276,9 +318,10 @@ def test_sixteen_bit_grey_scales_not_saturates(tmp_path):
 def test_one_bit(small):
     bw = small.convert("1")
     data = encode(bw, "PNG")
-    assert Image.open(io.BytesIO(data)).mode == "1"
-    levels = np.where(np.asarray(bw), 255, 0).astype(np.uint8)
-    np.testing.assert_array_equal(ImageTransform(40)(data), ImageTransform(40)(levels))
+    dec = Image.open(io.BytesIO(data))
+    assert dec.mode == "1"
+    assert max_abs(ImageTransform(40)(data), reference_clip_transform(dec, 40)) <= 1e-6   # NEAREST
+    assert len(np.unique(ImageTransform(40)(data)[0])) == 2                   # black and white only
 
 
 @pytest.mark.parametrize("orientation,k", [(3, 2), (6, -1), (8, 1)])

@@ -16,6 +16,7 @@ import numpy as np
 from filip_contract import limits as L
 from filip_contract import models as M
 from filip_contract.limits import ServingLimits
+from filip_contract.images import UNSTORED_MODES
 from filip_contract.prompts import DEFAULT_TEMPLATES
 
 from .errors import FilipInvalidInputError, FilipServerError
@@ -100,7 +101,7 @@ def _png(img) -> bytes:
 
 
 # Lossless containers per pixel mode: PNG where it keeps the mode, else TIFF.  A mode neither
-# keeps is sent as what the server would make of it first (La -> LA, others -> RGB).
+# keeps is sent as what the server would make of it first (filip_contract.images).
 _PNG_MODES = frozenset({"1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B"})
 _TIFF_MODES = frozenset({"PA", "RGBX", "CMYK", "YCbCr", "LAB", "I", "I;16L", "F"})
 _ORIENTATION = 0x0112          # the EXIF / TIFF Orientation tag
@@ -116,8 +117,8 @@ def _encode_pil(img, index: int) -> bytes:
     orientation = orientation if isinstance(orientation, int) and orientation != 1 else None
     buf = io.BytesIO()
     try:
-        if img.mode == "La":
-            img = img.convert("LA")
+        if img.mode in UNSTORED_MODES:
+            img = img.convert(UNSTORED_MODES[img.mode])
         elif img.mode not in _PNG_MODES | _TIFF_MODES:
             img = img.convert("RGB")
         if img.mode in _PNG_MODES:
