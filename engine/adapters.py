@@ -125,21 +125,22 @@ class SearchModel(_Model):
         self.text_max_batch = int(params.get("text_max_batch", "64"))
         return SearchEndpoint(version_dir, params, self._embed_texts)
 
-    def _embed_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """BLS to filip_text in batches it accepts -> (TOKENS [n, T, D], LENGTHS [n])."""
+    def _embed_texts(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """BLS to filip_text in batches it accepts -> (TOKENS [n, T, D], LENGTHS [n], POOLED [n, E])."""
         pb = self.pb
-        tokens, lengths = [], []
+        tokens, lengths, pooled = [], [], []
         for a in range(0, len(texts), self.text_max_batch):
             part = np.array([t.encode("utf-8") for t in texts[a:a + self.text_max_batch]], dtype=object).reshape(-1, 1)
-            response = pb.InferenceRequest(model_name=M.TEXT.name, requested_output_names=["TOKENS", "LENGTHS"],
+            response = pb.InferenceRequest(model_name=M.TEXT.name, requested_output_names=["TOKENS", "LENGTHS", "POOLED"],
                                            inputs=[pb.Tensor(M.TEXT.inputs[0].name, part)]).exec()
             if response.has_error():
                 raise bls_error(pb, response.error(), f"query texts {a}..{a + len(part) - 1} refused by {M.TEXT.name}")
             tokens.append(pb.get_output_tensor_by_name(response, "TOKENS").as_numpy())
             lengths.append(pb.get_output_tensor_by_name(response, "LENGTHS").as_numpy().reshape(-1))
+            pooled.append(pb.get_output_tensor_by_name(response, "POOLED").as_numpy())
         width = max(t.shape[1] for t in tokens)
         tokens = np.concatenate([np.pad(t, ((0, 0), (0, width - t.shape[1]), (0, 0))) for t in tokens])
-        return tokens, np.concatenate(lengths)
+        return tokens, np.concatenate(lengths), np.concatenate(pooled)
 
 
 ADAPTERS = {m.name: globals()[m.adapter] for m in M.MODELS.values()}

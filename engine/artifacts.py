@@ -6,15 +6,18 @@ import json
 import platform
 from pathlib import Path
 
+from filip_contract.scoring import check_scoring
+
 from .config import FilipConfig
 from .errors import CheckpointError
+from .preprocess import ImageTransform
 
 MANIFEST_NAME = "filip_config.json"
 MANIFEST_VERSION = 1
 
 
 def write_manifest(directory: str | Path, config: FilipConfig, *, logit_scale: float, layout: str,
-                   source: str, extra: dict | None = None) -> Path:
+                   source: str, preprocess: dict, default_scoring: str, extra: dict | None = None) -> Path:
     import onnx
     import onnxruntime
     import torch
@@ -26,6 +29,8 @@ def write_manifest(directory: str | Path, config: FilipConfig, *, logit_scale: f
         "logit_scale": logit_scale,
         "checkpoint_layout": layout,
         "checkpoint": source,                    # the file name only: a repository names no path of this machine
+        "preprocess": preprocess,                # ImageTransform.to_dict(): the checkpoint's own recipe
+        "default_scoring": check_scoring(default_scoring),
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
         **(extra or {}),
@@ -45,3 +50,22 @@ def read_manifest(directory: str | Path) -> tuple[FilipConfig, dict]:
         return FilipConfig.from_dict(data["model"]), data
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path}: malformed manifest: {e}") from e
+
+
+def image_transform_of(manifest: dict, config: FilipConfig, **limits) -> ImageTransform:
+    """The preprocessing a repository was exported with (OpenCLIP's at the tower's size for
+    a manifest that records none)."""
+    recipe = manifest.get("preprocess")
+    if recipe is None:
+        return ImageTransform(config.vision.image_size, **limits)
+    t = ImageTransform.from_dict(recipe, **limits)
+    if t.image_size != config.vision.image_size:
+        raise CheckpointError(f"the manifest's preprocessing crops to {t.image_size} px but the image tower "
+                              f"takes {config.vision.image_size} px")
+    return t
+
+
+def default_scoring_of(manifest: dict) -> str:
+    """The scoring rule a repository uses when a request names none ("token" for a manifest
+    that records none: FILIP's)."""
+    return check_scoring(manifest.get("default_scoring", "token"))

@@ -7,8 +7,13 @@ same typed :class:`Embeddings` as the client library.
     pipe = FilipPipeline.from_checkpoint("ckpt.pt")                    # PyTorch reference
     img = pipe.embed_images(["cat.jpg", pil_image, uint8_array, jpeg_bytes])
     txt = pipe.embed_texts(["a photo of a cat", "a dog"])
-    pipe.score(img, txt)                      # s_I [n_img, n_txt]; direction="t2i" for s_T
-    pipe.classify(img, ["cat", "dog"])        # zero-shot, prompt ensemble
+    pipe.score(img, txt)                      # [n_img, n_txt] by the checkpoint's scoring rule
+    pipe.score(img, txt, scoring="token", direction="t2i")    # s_T; "i2t" (default): s_I
+    pipe.score(img, txt, scoring="global")    # cosine of the pooled embeddings
+    pipe.classify(img, ["cat", "dog"])        # zero-shot, prompt ensemble (CLIP's rule when global)
+
+``scoring=None`` uses the checkpoint's rule (``pipe.default_scoring``): "global" for CLIP
+checkpoints (OpenAI / OpenCLIP state dicts, Hugging Face directories), "token" for FILIP.
 """
 from __future__ import annotations
 
@@ -18,8 +23,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .artifacts import read_manifest
-from .checkpoint import load_checkpoint
+from filip_contract.scoring import SCORINGS, class_embeddings, cosine
+
+from .artifacts import default_scoring_of, image_transform_of, read_manifest
+from .checkpoint import LoadedCheckpoint, load_checkpoint
 from .config import FilipConfig
 from .errors import InvalidInputError, TokenizerError
 from .interaction import DEFAULT_TEMPLATES, alignment_map, build_prompts, late_interaction, zero_shot_scores
@@ -48,14 +55,17 @@ def _concat(parts: list[Embeddings]) -> Embeddings:
     return Embeddings(tokens, np.concatenate([p.lengths for p in parts]), np.concatenate([p.pooled for p in parts]))
 
 
-def load_tokenizer(cfg: FilipConfig, *, vocab: str | Path | None = None,
-                   embedded: str | None = None) -> tuple[ClipTokenizer, str]:
+def load_tokenizer(cfg: FilipConfig, *, vocab: str | Path | None = None, embedded: str | None = None,
+                   bundled: str | Path | None = None) -> tuple[ClipTokenizer, str]:
     """The tokenizer for a model: ``vocab`` (a merges file or tokenizer.json) if given, else the
-    merges text a native checkpoint carries, else the CLIP merges file shipped in installed
-    packages.  Returns it with a description of its source; the vocabulary size must match."""
+    tokenizer file of a checkpoint directory (``bundled``), else the merges text a native
+    checkpoint carries, else the CLIP merges file shipped in installed packages.  Returns it
+    with a description of its source; the vocabulary size must match."""
     kw = dict(vocab_size=cfg.text.vocab_size, context_length=cfg.text.context_length)
     if vocab is not None:
         tok, source = ClipTokenizer.from_file(vocab, **kw), str(vocab)
+    elif bundled is not None:
+        tok, source = ClipTokenizer.from_file(bundled, **kw), str(bundled)
     elif embedded is not None:
         tok, source = ClipTokenizer.from_merges_text(embedded, **kw), "the checkpoint"
     else:
@@ -67,15 +77,28 @@ def load_tokenizer(cfg: FilipConfig, *, vocab: str | Path | None = None,
     return tok, source
 
 
+def checkpoint_transform(ckpt: LoadedCheckpoint, **limits) -> ImageTransform:
+    """The preprocessing of the checkpoint's own library: transformers' processor settings for
+    a Hugging Face directory, else OpenCLIP's eval transform at the tower's size."""
+    if ckpt.image_processor is not None:
+        return ImageTransform.from_image_processor(ckpt.image_processor, **limits)
+    return ImageTransform(ckpt.config.vision.image_size, **limits)
+
+
 class FilipPipeline:
     def __init__(self, config: FilipConfig, tokenizer: ClipTokenizer, image_runtime: Runtime,
-                 text_runtime: Runtime, *, logit_scale: float = 100.0):
+                 text_runtime: Runtime, *, logit_scale: float = 100.0, transform: ImageTransform | None = None,
+                 default_scoring: str = "token"):
         self.config = config
         self.tokenizer = tokenizer
-        self.transform = ImageTransform(config.vision.image_size)
+        self.transform = transform or ImageTransform(config.vision.image_size)
+        if self.transform.image_size != config.vision.image_size:
+            raise InvalidInputError(f"the transform crops to {self.transform.image_size} px; the image tower "
+                                    f"takes {config.vision.image_size} px")
         self.image_runtime = image_runtime
         self.text_runtime = text_runtime
         self.logit_scale = logit_scale
+        self.default_scoring = self._scoring(default_scoring)
 
     # --- construction --------------------------------------------------------------------
     @classmethod
@@ -83,10 +106,11 @@ class FilipPipeline:
                         activation: str | None = None) -> "FilipPipeline":
         ck = load_checkpoint(path, activation=activation)
         cfg = ck.config
-        tok, _ = load_tokenizer(cfg, vocab=vocab, embedded=ck.vocab_text)
+        tok, _ = load_tokenizer(cfg, vocab=vocab, embedded=ck.vocab_text, bundled=ck.tokenizer_file)
         scale = ck.model.similarity_scale()
         return cls(cfg, tok, TorchRuntime(ck.model, tower_spec(cfg, "image"), device),
-                   TorchRuntime(ck.model, tower_spec(cfg, "text"), device), logit_scale=scale)
+                   TorchRuntime(ck.model, tower_spec(cfg, "text"), device), logit_scale=scale,
+                   transform=checkpoint_transform(ck), default_scoring=ck.default_scoring)
 
     @classmethod
     def from_repository(cls, repo: str | Path, *, intra_op_threads: int | None = None) -> "FilipPipeline":
@@ -98,7 +122,8 @@ class FilipPipeline:
                                       context_length=cfg.text.context_length)
         img = OnnxRuntime(image_dir / "image.onnx", tower_spec(cfg, "image"), intra_op_threads=intra_op_threads)
         txt = OnnxRuntime(text_dir / "text.onnx", tower_spec(cfg, "text"), intra_op_threads=intra_op_threads)
-        return cls(cfg, tok, img, txt, logit_scale=float(manifest["logit_scale"]))
+        return cls(cfg, tok, img, txt, logit_scale=float(manifest["logit_scale"]),
+                   transform=image_transform_of(manifest, cfg), default_scoring=default_scoring_of(manifest))
 
     # --- embedding -----------------------------------------------------------------------
     def embed_images(self, images: Sequence[ImageInput], *, batch_size: int = 16) -> Embeddings:
@@ -123,18 +148,36 @@ class FilipPipeline:
         return _concat(parts)
 
     # --- scoring -------------------------------------------------------------------------
-    @staticmethod
-    def score(images: Embeddings, texts: Embeddings, *, direction: str = "i2t") -> np.ndarray:
-        """[n_img, n_txt]: s_I (``direction="i2t"``, rank texts for an image) or s_T ("t2i")."""
+    def _scoring(self, scoring: str | None) -> str:
+        scoring = self.default_scoring if scoring is None else scoring
+        if scoring not in SCORINGS:
+            raise InvalidInputError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+        return scoring
+
+    def score(self, images: Embeddings, texts: Embeddings, *, direction: str = "i2t",
+              scoring: str | None = None) -> np.ndarray:
+        """[n_img, n_txt]. ``scoring="token"``: s_I (``direction="i2t"``, rank texts for an
+        image) or s_T ("t2i"); ``"global"``: cosine of the pooled embeddings (symmetric, so
+        ``direction`` does not change it). ``None``: the checkpoint's rule."""
         if direction not in ("i2t", "t2i"):
             raise InvalidInputError(f"direction must be 'i2t' or 't2i', got {direction!r}")
+        if self._scoring(scoring) == "global":
+            return cosine(images.pooled, texts.pooled)
         s = late_interaction(images.tokens, images.lengths, texts.tokens, texts.lengths)
         return s.s_i if direction == "i2t" else s.s_t
 
     def classify(self, images: Embeddings, labels: Sequence[str], *, templates: Sequence[str] = DEFAULT_TEMPLATES,
-                 mode: str = "mean") -> np.ndarray:
-        """Zero-shot scores [n_img, n_labels]: the mean over templates of s_I (or of softmax probabilities)."""
+                 mode: str = "mean", scoring: str | None = None) -> np.ndarray:
+        """Zero-shot scores [n_img, n_labels]. ``scoring="token"`` (FILIP): the mean over
+        templates of s_I (``mode="mean"``) or of softmax probabilities ("softmax").
+        ``"global"`` (CLIP's rule): per class the mean of the normalised template embeddings,
+        renormalised; its cosine with the image embedding (``mode`` must be "mean")."""
         prompts = self.embed_texts(build_prompts(labels, templates))
+        if self._scoring(scoring) == "global":
+            if mode != "mean":
+                raise InvalidInputError(f"mode {mode!r} applies to token scoring; global zero-shot is CLIP's "
+                                        "mean of template embeddings (mode='mean')")
+            return cosine(images.pooled, class_embeddings(prompts.pooled, len(labels), len(templates)))
         return zero_shot_scores(images.tokens, images.lengths, prompts.tokens, prompts.lengths,
                                 n_classes=len(labels), n_templates=len(templates), mode=mode,
                                 logit_scale=self.logit_scale)

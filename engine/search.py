@@ -1,8 +1,14 @@
-"""Late-interaction search over a gallery: exact MaxSim and two-stage, plus the served endpoint.
+"""Gallery search: exact and two-stage, by late interaction or pooled cosine, plus the served endpoint.
 
-Ranking is by FILIP's text-to-image score (docs/ARCHITECTURE.md, "Late interaction"):
+With ``scoring="token"`` (FILIP's) ranking is by the text-to-image score
+(docs/ARCHITECTURE.md, "Late interaction"):
 
     s_T(image, text) = (1/n2) * sum_r max_k <x_k, y_r>      (r over the text's real tokens)
+
+With ``scoring="global"`` (CLIP's) it is the cosine of the query's pooled embedding with each
+item's stored pooled embedding: exact is a brute-force product over all of them; two-stage
+takes its candidates from a faiss index over the pooled embeddings (built when first used)
+and re-ranks them by the exact cosine. The rest of this note is about token scoring.
 
 - **exact**: every gallery item is scored.  Chunks of 200 images, as stored (fp16, or int8
   with per-token scales), go through the MaxSim kernel of engine/maxsim.py on ONNX Runtime
@@ -37,6 +43,7 @@ from filip_contract.gallery_reader import Gallery
 from filip_contract.gallery_writer import GalleryWriter
 from filip_contract.limits import (DEFAULT_CANDIDATES, DEFAULT_K, DEFAULT_MODE, MAX_CANDIDATES, MAX_K, MAX_QUERIES,
                                    SEARCH_MODES, ServingLimits)
+from filip_contract.scoring import DEFAULT_PARAM as SCORING_PARAM, SCORINGS, normalise
 
 from .errors import FilipError, GalleryError, InvalidInputError
 from .maxsim import MaxSimKernel, Queries
@@ -90,28 +97,29 @@ class CandidateStage(Protocol):
         ...
 
 
-class CentroidStage:
-    """faiss inner-product index over the items' token centroids.
+class VectorStage:
+    """faiss inner-product index over one vector per item.
 
     ``kind="flat"``: exact (IndexFlatIP), one pass over N x D fp32 per query batch; ``"ivf"``:
     IndexIVFFlat with ``nlist`` k-means cells (default 4*sqrt(N)) trained on a fixed-seed
     sample, searching ``nprobe`` cells (default 64); ``"auto"``: flat up to 200,000 items
-    (a flat scan of 1M centroids reads 1 GB per query), else ivf."""
+    (a flat scan of 1M vectors reads 1 GB per query), else ivf."""
 
     FLAT_MAX = 200_000
 
-    def __init__(self, gallery: Gallery, kind: str = "auto", *, nlist: int | None = None, nprobe: int = 64):
+    def __init__(self, vectors: np.ndarray, kind: str = "auto", *, label: str = "vector", nlist: int | None = None,
+                 nprobe: int = 64):
         import faiss  # imported here: only two-stage search needs it
 
         if kind not in ("auto", "flat", "ivf"):
             raise InvalidInputError(f"first-stage kind must be auto, flat or ivf, got {kind!r}")
         self._faiss = faiss
-        n, d = gallery.count, max(gallery.dim, 1)
+        n, d = vectors.shape[0], max(vectors.shape[1], 1)
         if kind == "auto":
             kind = "flat" if n <= self.FLAT_MAX else "ivf"
         self.kind, self.nprobe = kind, nprobe
-        self.name = f"centroid-{kind}"
-        x = np.ascontiguousarray(gallery.centroids()) if n else np.zeros((0, d), np.float32)
+        self.name = f"{label}-{kind}"
+        x = np.ascontiguousarray(vectors, np.float32) if n else np.zeros((0, d), np.float32)
         if kind == "flat" or n == 0:
             self.index = faiss.IndexFlatIP(d)
         else:
@@ -123,7 +131,8 @@ class CentroidStage:
         if n:
             self.index.add(x)
 
-    def candidates(self, q: Queries, n: int, allowed: np.ndarray | None) -> list[np.ndarray]:
+    def nearest(self, vectors: np.ndarray, n: int, allowed: np.ndarray | None) -> list[np.ndarray]:
+        """Per query vector, up to ``n`` rows by inner product (only ``allowed`` rows when given)."""
         f = self._faiss
         sel = None if allowed is None else f.IDSelectorBatch(allowed)
         if self.kind == "ivf":
@@ -132,9 +141,20 @@ class CentroidStage:
             params = None if sel is None else f.SearchParameters(sel=sel)
         n = min(n, self.index.ntotal if allowed is None else len(allowed))
         if n == 0:
-            return [np.zeros(0, np.int64) for _ in range(q.n)]
-        _, rows = self.index.search(np.ascontiguousarray(q.mean), n, params=params)
+            return [np.zeros(0, np.int64) for _ in range(len(vectors))]
+        _, rows = self.index.search(np.ascontiguousarray(vectors, np.float32), n, params=params)
         return [r[r >= 0].astype(np.int64) for r in rows]
+
+
+class CentroidStage(VectorStage):
+    """The token-scoring first stage: a :class:`VectorStage` over the items' token centroids,
+    queried with the mean of each query's real tokens."""
+
+    def __init__(self, gallery: Gallery, kind: str = "auto", *, nlist: int | None = None, nprobe: int = 64):
+        super().__init__(gallery.centroids(), kind, label="centroid", nlist=nlist, nprobe=nprobe)
+
+    def candidates(self, q: Queries, n: int, allowed: np.ndarray | None) -> list[np.ndarray]:
+        return self.nearest(q.mean, n, allowed)
 
 
 # --- search --------------------------------------------------------------------------------------
@@ -154,7 +174,7 @@ class Hits:
 
 
 class Searcher:
-    """A gallery with its first stage, ready to answer queries."""
+    """A gallery with its first stages, ready to answer queries."""
 
     def __init__(self, gallery: Gallery, stage: CandidateStage | None = None, *, threads: int | None = None,
                  first_stage: str = "auto"):
@@ -163,42 +183,77 @@ class Searcher:
         t = time.perf_counter()
         self.stage = stage if stage is not None else CentroidStage(gallery, first_stage)
         self.stage_build_ms = (time.perf_counter() - t) * 1e3
+        self.first_stage = first_stage if first_stage in ("auto", "flat", "ivf") else "auto"
+        self._pooled_stage: VectorStage | None = None      # global two-stage: built when first needed
 
-    def search(self, q: Queries, k: int = DEFAULT_K, *, mode: str = DEFAULT_MODE, candidates: int = DEFAULT_CANDIDATES,
-               allowed_ids: Sequence[str] | None = None) -> Hits:
+    def pooled_stage(self) -> VectorStage:
+        if self._pooled_stage is None:
+            self._pooled_stage = VectorStage(self.gallery.pooled(), self.first_stage, label="pooled")
+        return self._pooled_stage
+
+    def search(self, q: Queries | None, k: int = DEFAULT_K, *, mode: str = DEFAULT_MODE, candidates: int = DEFAULT_CANDIDATES,
+               allowed_ids: Sequence[str] | None = None, scoring: str = "token", pooled: np.ndarray | None = None) -> Hits:
+        """Top-``k`` items per query. ``scoring="token"``: by s_T of the query tokens ``q``;
+        ``"global"``: by the cosine of the queries' ``pooled`` embeddings [nq, E] with the items'."""
         if mode not in SEARCH_MODES:
             raise InvalidInputError(f"mode must be one of {SEARCH_MODES}, got {mode!r}")
+        if scoring not in SCORINGS:
+            raise InvalidInputError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise InvalidInputError(f"k must be a positive integer, got {k!r}")
         if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
             raise InvalidInputError(f"candidates must be a positive integer, got {candidates!r}")
-        if q.dim != self.gallery.dim:
-            raise InvalidInputError(f"query tokens have dimension {q.dim}; the gallery holds {self.gallery.dim}")
         g = self.gallery
+        if scoring == "global":
+            pooled = _check_pooled(pooled, g.pooled_dim)
+            score_rows = lambda rows, i=None: normalise(pooled if i is None else pooled[i:i + 1]) @ g.pooled()[rows].T
+            score_all = lambda: normalise(pooled) @ g.pooled().T
+            first = lambda allowed: self.pooled_stage().nearest(normalise(pooled), candidates, allowed)
+            nq = pooled.shape[0]
+        else:
+            if q is None or q.dim != g.dim:
+                raise InvalidInputError(f"query tokens have dimension {None if q is None else q.dim}; "
+                                        f"the gallery holds {g.dim}")
+            score_rows = lambda rows, i=None: scores_of_rows(g, rows, q if i is None else q.one(i), kernel=self.kernel)
+            score_all = lambda: exact_scores(g, q, kernel=self.kernel)
+            first = lambda allowed: self.stage.candidates(q, candidates, allowed)
+            nq = q.n
         allowed = None if allowed_ids is None else g.rows_of(allowed_ids)
         t0 = time.perf_counter()
         if allowed is not None and len(allowed) <= max(candidates, g.count // 4):
             # Few allowed items: scoring them all exactly is cheaper than any first stage.
-            cols, vals = _top_k(scores_of_rows(g, allowed, q, kernel=self.kernel), k)
+            cols, vals = _top_k(score_rows(allowed), k)
             return Hits.uniform(allowed[cols] if len(allowed) else cols, vals, {"exact": _ms(t0)})
         if mode == "exact":
-            s = exact_scores(g, q, kernel=self.kernel)
+            s = score_all()
             if allowed is not None:
                 keep = np.zeros(g.count, bool)
                 keep[allowed] = True
                 s[:, ~keep] = -np.inf
             cols, vals = _top_k(s, min(k, g.count if allowed is None else len(allowed)))
             return Hits.uniform(cols, vals, {"exact": _ms(t0)})
-        cands = self.stage.candidates(q, candidates, allowed)
+        cands = first(allowed)
         t1 = time.perf_counter()
         counts = np.array([min(k, len(c)) for c in cands], np.int64)   # a query may get fewer candidates than k
-        rows = np.full((q.n, int(counts.max(initial=0))), -1, np.int64)
+        rows = np.full((nq, int(counts.max(initial=0))), -1, np.int64)
         vals = np.full(rows.shape, -np.inf, np.float32)
         for i, c in enumerate(cands):      # each query re-ranks its own candidates only
             c = np.sort(c)
-            cols, v = _top_k(scores_of_rows(g, c, q.one(i), kernel=self.kernel), int(counts[i]))
+            cols, v = _top_k(score_rows(c, i), int(counts[i]))
             rows[i, :counts[i]], vals[i, :counts[i]] = c[cols[0]], v[0]
         return Hits(rows, vals, counts, {"first_stage": (t1 - t0) * 1e3, "rerank": _ms(t1)})
+
+
+def _check_pooled(pooled, dim: int) -> np.ndarray:
+    p = None if pooled is None else np.asarray(pooled)
+    if p is None or p.ndim != 2 or p.shape[0] < 1 or p.dtype.kind != "f":
+        raise InvalidInputError(f"global scoring needs the queries' pooled embeddings as a float [nq, E] array, "
+                                f"got {None if p is None else (p.dtype, list(p.shape))}")
+    if p.shape[1] != dim:
+        raise InvalidInputError(f"query pooled embeddings have dimension {p.shape[1]}; the gallery holds {dim}")
+    if not np.isfinite(p).all():
+        raise InvalidInputError("query pooled embeddings contain NaN or Inf")
+    return p.astype(np.float32, copy=False)
 
 
 def _ms(t0: float) -> float:
@@ -206,7 +261,7 @@ def _ms(t0: float) -> float:
 
 
 # --- the served endpoint ---------------------------------------------------------------------------
-EmbedTexts = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
+EmbedTexts = Callable[[list[str]], tuple[np.ndarray, np.ndarray, np.ndarray]]   # tokens, lengths, pooled
 
 
 def _scalar_str(raw, what: str) -> str:
@@ -264,6 +319,9 @@ class SearchEndpoint:
         self.root = Path(root) if root else Path(version_dir or "./x/1").resolve().parent.parent.parent / "galleries"
         self.embed_texts = embed_texts
         self.limits = ServingLimits.from_params(params)
+        self.default_scoring = params.get(SCORING_PARAM) or "token"
+        if self.default_scoring not in SCORINGS:
+            raise GalleryError(f"{SCORING_PARAM} must be one of {SCORINGS}, got {self.default_scoring!r}")
         self.verify = params.get("gallery_verify", "full")
         self.load = params.get("gallery_load", "auto")
         self.first_stage = params.get("first_stage", "auto")        # auto | flat | ivf | qdrant
@@ -339,18 +397,22 @@ class SearchEndpoint:
         allowed = _strings(inputs["ALLOWED_IDS"], "ALLOWED_IDS") if inputs.get("ALLOWED_IDS") is not None else None
         if mode not in SEARCH_MODES:
             raise InvalidInputError(f"MODE must be one of {SEARCH_MODES}, got {mode!r}")
+        scoring = _scalar_str(inputs["SCORING"], "SCORING") if inputs.get("SCORING") is not None else self.default_scoring
+        if scoring not in SCORINGS:
+            raise InvalidInputError(f"SCORING must be one of {SCORINGS}, got {scoring!r}")
         searcher = self.searcher
         t = time.perf_counter()
-        tokens, lengths = self.embed_texts(texts)
+        tokens, lengths, pooled = self.embed_texts(texts)
         embed_ms = _ms(t)
-        hits = searcher.search(Queries.from_tokens(tokens, lengths), k, mode=mode, candidates=cands, allowed_ids=allowed)
+        q = Queries.from_tokens(tokens, lengths) if scoring == "token" else None
+        hits = searcher.search(q, k, mode=mode, candidates=cands, allowed_ids=allowed, scoring=scoring, pooled=pooled)
         g = searcher.gallery
         # padding past a query's COUNTS: id "" and metadata "{}" (and score -inf)
         ids = np.array([[g.ids[r].encode() if r >= 0 else b"" for r in row] for row in hits.rows],
                        dtype=object).reshape(hits.rows.shape)
         meta = np.array([[json.dumps(g.metadata(r)).encode() if r >= 0 else b"{}" for r in row] for row in hits.rows],
                         dtype=object).reshape(hits.rows.shape)
-        info = {"gallery": self.name, "count": g.count, "mode": mode, "k": int(hits.rows.shape[1]),
+        info = {"gallery": self.name, "count": g.count, "mode": mode, "scoring": scoring, "k": int(hits.rows.shape[1]),
                 "candidates": cands if mode == "two_stage" else None,
                 "timings_ms": {"embed": round(embed_ms, 2), **{a: round(b, 2) for a, b in hits.timings_ms.items()}}}
         return {"IDS": ids, "SCORES": hits.scores.astype(np.float32), "METADATA": meta,

@@ -15,12 +15,12 @@ from typing import Sequence
 import numpy as np
 
 from filip_contract.limits import ServingLimits
+from filip_contract.scoring import cosine
 
-from .artifacts import read_manifest
+from .artifacts import image_transform_of, read_manifest
 from .errors import FilipError, InvalidInputError, TextInputError
 from .interaction import alignment_map, late_interaction
 from .io_spec import tower_spec
-from .preprocess import ImageTransform
 from .runtime import Runtime, open_tower_runtime
 from .tokenizer import ClipTokenizer
 
@@ -164,33 +164,73 @@ def _tokens_and_lengths(tokens: np.ndarray, lengths: np.ndarray, what: str) -> t
     return tokens, lengths
 
 
-def score_request(inputs: dict[str, np.ndarray], *, want_alignment: bool = False,
+_TOKEN_INPUTS = ("IMAGE_TOKENS", "IMAGE_LENGTHS", "TEXT_TOKENS", "TEXT_LENGTHS")
+_POOLED_INPUTS = ("IMAGE_POOLED", "TEXT_POOLED")
+
+
+def score_request(inputs: dict[str, np.ndarray], *, wanted: Sequence[str] = (),
                   limits: ServingLimits = ServingLimits(), device: str = "cpu") -> Result:
-    """IMAGE_TOKENS/IMAGE_LENGTHS and TEXT_TOKENS/TEXT_LENGTHS -> S_I, S_T [n_img, n_txt]
-    (+ ALIGNMENT [n_img, n_txt, P] int32: each patch's best text token, when asked)."""
+    """Scores of one filip_score request, only the ``wanted`` outputs (all that its inputs
+    allow when none is named): token scoring, IMAGE_TOKENS/IMAGE_LENGTHS and
+    TEXT_TOKENS/TEXT_LENGTHS -> S_I, S_T [n_img, n_txt] (+ ALIGNMENT [n_img, n_txt, P] int32:
+    each patch's best text token); global scoring, IMAGE_POOLED and TEXT_POOLED -> COSINE."""
     try:
-        missing = [k for k in ("IMAGE_TOKENS", "IMAGE_LENGTHS", "TEXT_TOKENS", "TEXT_LENGTHS") if inputs.get(k) is None]
-        if missing:
-            raise InvalidInputError(f"missing inputs {missing}")
-        it, il = _tokens_and_lengths(inputs["IMAGE_TOKENS"], inputs["IMAGE_LENGTHS"], "IMAGE")
-        tt, tl = _tokens_and_lengths(inputs["TEXT_TOKENS"], inputs["TEXT_LENGTHS"], "TEXT")
-        if it.shape[0] * tt.shape[0] > limits.max_score_items:
-            raise InvalidInputError(f"{it.shape[0]} x {tt.shape[0]} pairs exceed the limit of {limits.max_score_items} per request")
-        if device != "cpu":    # late_interaction runs where the image tokens are (fp32 GEMM, TF32 off by default)
-            import torch
-            s = late_interaction(torch.from_numpy(it).to(device), il, torch.from_numpy(tt).to(device), tl)
-        else:
-            s = late_interaction(it, il, tt, tl)
-        out = {"S_I": s.s_i, "S_T": s.s_t}
-        if want_alignment:
-            amap = np.zeros((it.shape[0], tt.shape[0], it.shape[1]), np.int32)
-            for i in range(it.shape[0]):
-                for j in range(tt.shape[0]):
-                    amap[i, j, :il[i]] = alignment_map(it[i], int(il[i]), tt[j], int(tl[j]))
-            out["ALIGNMENT"] = amap
-        return out
+        wanted = set(wanted)
+        if not wanted:
+            wanted = ({"S_I", "S_T"} if any(inputs.get(k) is not None for k in _TOKEN_INPUTS) else set()) | \
+                     ({"COSINE"} if any(inputs.get(k) is not None for k in _POOLED_INPUTS) else set())
+            if not wanted:
+                raise InvalidInputError(f"no inputs: give {list(_TOKEN_INPUTS)} (token scoring) "
+                                        f"or {list(_POOLED_INPUTS)} (global scoring)")
+        out: dict[str, np.ndarray] = {}
+        if wanted & {"S_I", "S_T", "ALIGNMENT"}:
+            out.update(_token_scores(inputs, "ALIGNMENT" in wanted, limits, device))
+        if "COSINE" in wanted:
+            out["COSINE"] = _pooled_scores(inputs, limits)
+        return {k: v for k, v in out.items() if k in wanted}
     except FilipError as e:
         return e
+
+
+def _token_scores(inputs, want_alignment: bool, limits: ServingLimits, device: str) -> dict[str, np.ndarray]:
+    missing = [k for k in _TOKEN_INPUTS if inputs.get(k) is None]
+    if missing:
+        raise InvalidInputError(f"token scoring (S_I, S_T, ALIGNMENT) needs {list(_TOKEN_INPUTS)}; missing {missing}")
+    it, il = _tokens_and_lengths(inputs["IMAGE_TOKENS"], inputs["IMAGE_LENGTHS"], "IMAGE")
+    tt, tl = _tokens_and_lengths(inputs["TEXT_TOKENS"], inputs["TEXT_LENGTHS"], "TEXT")
+    if it.shape[0] * tt.shape[0] > limits.max_score_items:
+        raise InvalidInputError(f"{it.shape[0]} x {tt.shape[0]} pairs exceed the limit of {limits.max_score_items} per request")
+    if device != "cpu":    # late_interaction runs where the image tokens are (fp32 GEMM, TF32 off by default)
+        import torch
+        s = late_interaction(torch.from_numpy(it).to(device), il, torch.from_numpy(tt).to(device), tl)
+    else:
+        s = late_interaction(it, il, tt, tl)
+    out = {"S_I": s.s_i, "S_T": s.s_t}
+    if want_alignment:
+        amap = np.zeros((it.shape[0], tt.shape[0], it.shape[1]), np.int32)
+        for i in range(it.shape[0]):
+            for j in range(tt.shape[0]):
+                amap[i, j, :il[i]] = alignment_map(it[i], int(il[i]), tt[j], int(tl[j]))
+        out["ALIGNMENT"] = amap
+    return out
+
+
+def _pooled_scores(inputs, limits: ServingLimits) -> np.ndarray:
+    missing = [k for k in _POOLED_INPUTS if inputs.get(k) is None]
+    if missing:
+        raise InvalidInputError(f"global scoring (COSINE) needs {list(_POOLED_INPUTS)}; missing {missing}")
+    ip, tp = (np.asarray(inputs[k]) for k in _POOLED_INPUTS)
+    problems = [f"{k} must be a float [n, E] array with n >= 1, got {a.dtype} {list(a.shape)}"
+                for k, a in zip(_POOLED_INPUTS, (ip, tp)) if a.ndim != 2 or a.shape[0] < 1 or a.dtype.kind != "f"]
+    if not problems and ip.shape[1] != tp.shape[1]:
+        problems.append(f"IMAGE_POOLED has dimension {ip.shape[1]}, TEXT_POOLED {tp.shape[1]}")
+    if not problems and not (np.isfinite(ip).all() and np.isfinite(tp).all()):
+        problems.append("pooled embeddings contain NaN or Inf")
+    if problems:
+        raise InvalidInputError("; ".join(problems))
+    if ip.shape[0] * tp.shape[0] > limits.max_score_items:
+        raise InvalidInputError(f"{ip.shape[0]} x {tp.shape[0]} pairs exceed the limit of {limits.max_score_items} per request")
+    return cosine(ip, tp)
 
 
 # --- Triton glue ---------------------------------------------------------------------------
@@ -221,10 +261,11 @@ class ImageEndpoint:
     """filip_image: decoder/transform + image tower on ONNX Runtime."""
 
     def __init__(self, version_dir: Path, params: dict[str, str]):
-        cfg, _ = read_manifest(version_dir)
+        cfg, manifest = read_manifest(version_dir)
         self.max_batch, self.limits = int(params.get("max_batch", "64")), ServingLimits.from_params(params)
-        self.transform = ImageTransform(cfg.vision.image_size, max_pixels=self.limits.max_image_pixels,
-                                        max_bytes=self.limits.max_image_bytes)
+        # the checkpoint's own preprocessing recipe, recorded at export
+        self.transform = image_transform_of(manifest, cfg, max_pixels=self.limits.max_image_pixels,
+                                            max_bytes=self.limits.max_image_bytes)
         self.runtime = open_tower_runtime(version_dir, "image", tower_spec(cfg, "image"), params)
 
     def __call__(self, requests: Sequence[dict[str, np.ndarray | None]]) -> list[Result]:
@@ -256,8 +297,5 @@ class ScoreEndpoint:
     def __call__(self, requests: Sequence[tuple[dict[str, np.ndarray | None], Sequence[str]]]) -> list[Result]:
         results: list[Result] = []
         for inputs, wanted in requests:
-            res = score_request(inputs, want_alignment="ALIGNMENT" in wanted, limits=self.limits, device=self.device)
-            if isinstance(res, dict) and wanted:
-                res = {k: v for k, v in res.items() if k in wanted}
-            results.append(res)
+            results.append(score_request(inputs, wanted=wanted, limits=self.limits, device=self.device))
         return results

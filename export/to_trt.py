@@ -20,7 +20,7 @@ from filip_contract.limits import ServingLimits
 from filip_engine.artifacts import write_manifest
 from filip_engine.checkpoint import load_checkpoint
 from filip_engine.errors import FilipError, ValidationError
-from filip_engine.pipeline import load_tokenizer
+from filip_engine.pipeline import checkpoint_transform, load_tokenizer
 from filip_export.to_onnx import DEFAULT_OPSET, MIN_OPSET, export_tower, validate_tower
 from filip_export.staging import StagedRepository
 from filip_export.triton_repo import MODELS, TRT_MODELS, RepoSettings, TensorRTPlans, version_dir, write_repository
@@ -121,7 +121,7 @@ def _run(args) -> int:
           f"w{cfg.vision.width}x{cfg.vision.layers}, text ctx {cfg.text.context_length} w{cfg.text.width}x{cfg.text.layers}, "
           f"tokens D={cfg.token_dim} ({cfg.token_head} head), pooled D={cfg.embed_dim}, {cfg.activation}")
 
-    tok, source = load_tokenizer(cfg, vocab=args.vocab, embedded=ckpt.vocab_text)
+    tok, source = load_tokenizer(cfg, vocab=args.vocab, embedded=ckpt.vocab_text, bundled=ckpt.tokenizer_file)
     out = args.out
     # Everything is written into a staging folder beside --out and swapped in after the last
     # gate: a failed or killed export leaves the previous repository as it was.
@@ -144,8 +144,10 @@ def _write(args, ckpt, tok, source, limits, use_trt, trt_why, staged: StagedRepo
 
     text_dir, image_dir = version_dir(work, "filip_text"), version_dir(work, "filip_image")
     tok.save(text_dir / "tokenizer.json")
+    transform = checkpoint_transform(ckpt)
     for d in (text_dir, image_dir, version_dir(work, "filip_score")):
         write_manifest(d, cfg, logit_scale=ckpt.model.similarity_scale(), layout=ckpt.layout, source=ckpt.path.name,
+                       preprocess=transform.to_dict(), default_scoring=ckpt.default_scoring,
                        extra={"opset": args.opset, "max_batch": args.max_batch})
     print(f"[2/5] tokenizer from {source}: {tok.vocab_size} entries, SOT={tok.sot_token_id} EOT={tok.eot_token_id} "
           f"-> {shown(text_dir / 'tokenizer.json')}")
@@ -174,7 +176,8 @@ def _write(args, ckpt, tok, source, limits, use_trt, trt_why, staged: StagedRepo
     settings = RepoSettings(max_batch=args.max_batch, queue_delay_us=args.queue_delay_us,
                             text_instances=args.instances, image_instances=args.instances,
                             max_queue_size=args.max_queue_size, limits=limits)
-    models = write_repository(work, cfg, logit_scale=ckpt.model.similarity_scale(), settings=settings, tensorrt=tensorrt)
+    models = write_repository(work, cfg, logit_scale=ckpt.model.similarity_scale(), default_scoring=ckpt.default_scoring,
+                              settings=settings, tensorrt=tensorrt)
     return models, settings
 
 

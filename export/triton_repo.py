@@ -29,6 +29,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from filip_contract import models as M
 from filip_contract.limits import ServingLimits
+from filip_contract.scoring import DEFAULT_PARAM as SCORING_PARAM, check_scoring
 from filip_engine.config import FilipConfig
 from filip_engine.io_spec import TensorSpec, TowerSpec, tower_spec
 
@@ -122,9 +123,11 @@ def _warmup(c: mc.ModelConfig, tensor: M.Tensor, sizes: dict[str, int]) -> None:
         inp.zero_data = True
 
 
-def model_configs(cfg: FilipConfig, s: RepoSettings, logit_scale: float) -> dict[str, mc.ModelConfig]:
-    """Each served model's config, from the contract's declarations, the checkpoint's sizes
-    and the settings."""
+def model_configs(cfg: FilipConfig, s: RepoSettings, logit_scale: float,
+                  default_scoring: str = "token") -> dict[str, mc.ModelConfig]:
+    """Each served model's config, from the contract's declarations, the checkpoint's sizes,
+    temperature and scoring rule, and the settings."""
+    scoring = {SCORING_PARAM: check_scoring(default_scoring)}
     sizes = {"D": cfg.token_dim, "E": cfg.embed_dim, "S": cfg.vision.image_size, "P": cfg.vision.num_patches}
     limits = s.limits.to_params()
     encoder = {**limits, "intra_op_threads": s.intra_op_threads, "max_batch": s.max_batch}
@@ -135,11 +138,11 @@ def model_configs(cfg: FilipConfig, s: RepoSettings, logit_scale: float) -> dict
     _warmup(text, M.TEXT.input("TEXT"), sizes)
     _warmup(image, M.IMAGE.input("PIXEL_VALUES"), sizes)
     score = _served_model(M.SCORE, sizes, max_batch=0, instances=s.score_instances,
-                          params={**limits, "logit_scale": repr(float(logit_scale))})
+                          params={**limits, **scoring, "logit_scale": repr(float(logit_scale))})
     # One instance: it holds the gallery and RELOAD must reach the instance that serves; its
     # exact scan already uses every core (filip_engine.search).
     search = _served_model(M.SEARCH, sizes, max_batch=0, instances=1,
-                           params={**limits, "text_max_batch": s.max_batch, "gallery_root": s.gallery_root,
+                           params={**limits, **scoring, "text_max_batch": s.max_batch, "gallery_root": s.gallery_root,
                                    "gallery": s.gallery, "gallery_verify": s.gallery_verify,
                                    "first_stage": s.first_stage, "qdrant_url": s.qdrant_url})
     return {c.name: c for c in (text, image, score, search)}
@@ -213,13 +216,13 @@ def version_dir(out: Path, model: str) -> Path:
     return d
 
 
-def write_repository(out: Path, cfg: FilipConfig, *, logit_scale: float,
+def write_repository(out: Path, cfg: FilipConfig, *, logit_scale: float, default_scoring: str = "token",
                      settings: RepoSettings = RepoSettings(), tensorrt: TensorRTPlans | None = None) -> list[Path]:
     """Write each model's ``config.pbtxt`` and its ``1/model.py`` (:func:`adapter_source`).  The
     artifacts must already be in place (see :func:`version_dir`).  With ``tensorrt``, also the
     tensorrt_plan models.  Nothing written names a path of this machine."""
     written = []
-    configs = model_configs(cfg, settings, logit_scale)
+    configs = model_configs(cfg, settings, logit_scale, default_scoring)
     if tensorrt is not None:
         configs.update(tensorrt_configs(cfg, settings, tensorrt, configs))
     for name, config in configs.items():

@@ -201,7 +201,8 @@ class FakeTextTower:
         for i, t in enumerate(texts):
             v = np.random.default_rng(abs(hash(t)) % 2**32).standard_normal((n[i], self.dim))
             out[i, :n[i]] = v / np.linalg.norm(v, axis=-1, keepdims=True)
-        return out, np.array(n, np.int32)
+        pooled = out.sum(axis=1)
+        return out, np.array(n, np.int32), pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
 
 
 def _request(**kw):
@@ -237,7 +238,7 @@ def test_endpoint_search_reload_and_errors(tmp_path):
     assert json.loads(ok["METADATA"][0][0])["topic"] >= 0
     # a direct check of one score against the brute force
     g = Gallery.open(root / "one")
-    qt, ql = embed(["a cat"])
+    qt, ql, _ = embed(["a cat"])
     ref = brute_force_s_t(g.tokens_of(np.arange(500)), qt, ql)[0]
     best = int(np.argmax(ref))
     assert ok["IDS"][0][0].decode() == g.ids[best] and abs(ok["SCORES"][0][0] - ref[best]) < 2e-6
@@ -251,3 +252,66 @@ def test_endpoint_search_reload_and_errors(tmp_path):
     for name in ("../one", "", "a/b"):
         r, = ep([_request(RELOAD=[name])])
         assert isinstance(r, InvalidInputError), name
+
+
+# --- global (pooled cosine) scoring -----------------------------------------------------------
+def _pooled_queries(gallery, n=6, seed=3):
+    """Query vectors near some items' pooled embeddings (not normalised: the search must)."""
+    rng = np.random.default_rng(seed)
+    base = gallery.pooled()[rng.choice(gallery.count, n, replace=False)]
+    return (base + 0.2 * rng.standard_normal(base.shape)).astype(np.float32) * 3.0
+
+
+def test_global_exact_equals_numpy_cosine(gallery):
+    q = _pooled_queries(gallery)
+    pooled = np.concatenate([np.asarray(s.pooled, np.float64) for s in gallery.segments])
+    qn = q.astype(np.float64) / np.linalg.norm(q, axis=1, keepdims=True)
+    ref = qn @ (pooled / np.linalg.norm(pooled, axis=1, keepdims=True)).T
+    s = Searcher(gallery)
+    hits = s.search(None, 10, scoring="global", pooled=q)
+    assert [list(r) for r in hits.rows] == top_ids(ref, 10)
+    np.testing.assert_allclose(hits.scores, np.take_along_axis(ref, hits.rows, axis=1), rtol=0, atol=2e-6)
+    # two-stage over the flat pooled index re-ranked by the exact cosine: the same hits
+    two = s.search(None, 10, mode="two_stage", candidates=50, scoring="global", pooled=q)
+    assert np.array_equal(two.rows, hits.rows) and np.allclose(two.scores, hits.scores, atol=1e-6)
+    assert s.pooled_stage().name == "pooled-flat"
+    # a filter: only the allowed items, best first
+    allowed = [gallery.ids[r] for r in range(0, gallery.count, 3)]
+    few = s.search(None, 5, scoring="global", pooled=q, allowed_ids=allowed)
+    keep = np.zeros(gallery.count, bool)
+    keep[::3] = True
+    assert [list(r) for r in few.rows] == top_ids(np.where(keep, ref, -np.inf), 5)
+
+
+def test_global_search_errors(gallery):
+    s = Searcher(gallery)
+    with pytest.raises(InvalidInputError, match="pooled embeddings"):
+        s.search(None, 5, scoring="global")
+    with pytest.raises(InvalidInputError, match="dimension 3"):
+        s.search(None, 5, scoring="global", pooled=np.ones((1, 3), np.float32))
+    with pytest.raises(InvalidInputError, match="NaN"):
+        s.search(None, 5, scoring="global", pooled=np.full((1, gallery.pooled_dim), np.nan, np.float32))
+    with pytest.raises(InvalidInputError, match="scoring must be one of"):
+        s.search(None, 5, scoring="cosine", pooled=np.ones((1, gallery.pooled_dim), np.float32))
+
+
+def test_endpoint_scoring_input_and_repository_default(tmp_path):
+    root = tmp_path / "galleries"
+    synthesize(root / "default", 400, segment=150, spec=SyntheticSpec(**SPEC), n_queries=2)
+    embed = FakeTextTower(SPEC["dim"])
+    token_ep = SearchEndpoint(None, {"gallery_root": str(root)}, embed)
+    global_ep = SearchEndpoint(None, {"gallery_root": str(root), "default_scoring": "global"}, embed)
+    g = Gallery.open(root / "default")
+    _, _, qp = embed(["a cat"])
+    want = np.argsort(-(qp @ g.pooled().T)[0], kind="stable")[:4]
+    by_default, = global_ep([_request(TEXT=["a cat"], K=np.array([4], np.int32))])
+    asked, = token_ep([_request(TEXT=["a cat"], K=np.array([4], np.int32), SCORING=["global"])])
+    token, = token_ep([_request(TEXT=["a cat"], K=np.array([4], np.int32))])
+    for out in (by_default, asked):
+        assert [i.decode() for i in out["IDS"][0]] == [g.ids[r] for r in want]
+        assert json.loads(out["INFO"][0])["scoring"] == "global"
+    assert json.loads(token["INFO"][0])["scoring"] == "token"
+    bad, = token_ep([_request(TEXT=["a cat"], SCORING=["cosine"])])
+    assert isinstance(bad, InvalidInputError) and "SCORING must be one of" in str(bad)
+    with pytest.raises(GalleryError, match="default_scoring"):
+        SearchEndpoint(None, {"gallery_root": str(root), "default_scoring": "x"}, embed)

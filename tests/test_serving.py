@@ -90,7 +90,8 @@ def test_score_request_matches_reference():
     tt /= np.linalg.norm(tt, axis=-1, keepdims=True)
     il, tl = np.array([16, 16, 16], np.int32), np.array([9, 4], np.int32)
     tt[1, 4:] = 0
-    out = score_request({"IMAGE_TOKENS": it, "IMAGE_LENGTHS": il, "TEXT_TOKENS": tt, "TEXT_LENGTHS": tl}, want_alignment=True)
+    out = score_request({"IMAGE_TOKENS": it, "IMAGE_LENGTHS": il, "TEXT_TOKENS": tt, "TEXT_LENGTHS": tl},
+                        wanted=["S_I", "S_T", "ALIGNMENT"])
     for i in range(3):
         for j in range(2):
             x, y = it[i, :il[i]].astype(np.float64), tt[j, :tl[j]].astype(np.float64)
@@ -100,7 +101,7 @@ def test_score_request_matches_reference():
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"IMAGE_TOKENS": None}, "missing inputs \\['IMAGE_TOKENS'\\]"),
+    ({"IMAGE_TOKENS": None}, "missing \\['IMAGE_TOKENS'\\]"),
     ({"TEXT_LENGTHS": np.array([3], np.int32)}, "1 entries for 2 rows"),
     ({"IMAGE_TOKENS": np.zeros((1, 4, 8), np.int32)}, "dtype int32"),
     ({"TEXT_TOKENS": np.zeros((2, 8), np.float32)}, "expected \\[n, T, D\\]"),
@@ -113,6 +114,25 @@ def test_score_request_errors(change, match):
     err = score_request(inputs)
     assert isinstance(err, InvalidInputError), err
     assert __import__("re").search(match, str(err)), str(err)
+
+
+def test_score_request_global_is_the_pooled_cosine():
+    rng = np.random.default_rng(1)
+    ip, tp = rng.standard_normal((3, 6)).astype(np.float32), rng.standard_normal((4, 6)).astype(np.float32)
+    out = score_request({"IMAGE_POOLED": ip, "TEXT_POOLED": tp}, wanted=["COSINE"])
+    a = ip.astype(np.float64) / np.linalg.norm(ip, axis=1, keepdims=True)
+    b = tp.astype(np.float64) / np.linalg.norm(tp, axis=1, keepdims=True)
+    assert set(out) == {"COSINE"} and np.abs(out["COSINE"] - a @ b.T).max() < 1e-6
+    assert set(score_request({"IMAGE_POOLED": ip, "TEXT_POOLED": tp})) == {"COSINE"}      # none named: what fits
+    for inputs, wanted, match in [({"IMAGE_POOLED": ip}, ["COSINE"], "missing \\['TEXT_POOLED'\\]"),
+                                  ({"IMAGE_POOLED": ip, "TEXT_POOLED": tp[:, :5]}, ["COSINE"], "dimension 6"),
+                                  ({"IMAGE_POOLED": ip, "TEXT_POOLED": tp}, ["S_I"], "token scoring"),
+                                  ({}, [], "no inputs"),
+                                  ({"IMAGE_POOLED": ip[0], "TEXT_POOLED": tp}, ["COSINE"], "float \\[n, E\\]")]:
+        err = score_request(inputs, wanted=wanted)
+        assert isinstance(err, InvalidInputError) and __import__("re").search(match, str(err)), str(err)
+    limited = score_request({"IMAGE_POOLED": ip, "TEXT_POOLED": tp}, wanted=["COSINE"], limits=ServingLimits(max_score_items=11))
+    assert isinstance(limited, InvalidInputError) and "exceed the limit" in str(limited)
 
 
 def test_endpoints_from_triton_args(tiny_checkpoint, tmp_path, pipe):

@@ -15,6 +15,7 @@ import numpy as np
 
 from filip_contract import limits as L
 from filip_contract import models as M
+from filip_contract import scoring as S
 from filip_contract.limits import ServingLimits
 from filip_contract.images import UNSTORED_MODES
 from filip_contract.prompts import DEFAULT_TEMPLATES
@@ -193,22 +194,57 @@ def score_inputs(grpc, images: Embeddings, texts: Embeddings) -> list:
                                        "TEXT_TOKENS": texts.tokens, "TEXT_LENGTHS": np.reshape(texts.lengths, -1)})
 
 
+def pooled_score_inputs(grpc, image_pooled: np.ndarray, text_pooled: np.ndarray) -> list:
+    return make_inputs(grpc, M.SCORE, {"IMAGE_POOLED": image_pooled, "TEXT_POOLED": text_pooled})
+
+
+def scoring_of(scoring: str | None, score_config: Mapping) -> str:
+    """``scoring``, or the served repository's default (filip_score's ``default_scoring``
+    parameter; "token" where a repository publishes none), checked."""
+    if scoring is None:
+        scoring = score_config.get("parameters", {}).get(S.DEFAULT_PARAM, {}).get("string_value") or "token"
+    if scoring not in S.SCORINGS:
+        raise FilipInvalidInputError(f"scoring must be one of {S.SCORINGS}, got {scoring!r}")
+    return scoring
+
+
+def score_request(grpc, images: Embeddings, texts: Embeddings, direction: str, scoring: str) -> tuple[list, str]:
+    """(inputs, the output to ask for) of one filip_score request."""
+    if direction not in ("i2t", "t2i"):
+        raise FilipInvalidInputError(f"direction must be 'i2t' or 't2i', got {direction!r}")
+    check_embeddings(images, "images")
+    check_embeddings(texts, "texts")
+    if scoring == "global":
+        return pooled_score_inputs(grpc, images.pooled, texts.pooled), "COSINE"
+    return score_inputs(grpc, images, texts), ("S_I" if direction == "i2t" else "S_T")
+
+
+def zero_shot_classes(prompts: Embeddings, n_labels: int, n_templates: int) -> np.ndarray:
+    """CLIP's classifier [n_labels, E] from the class-major prompts' pooled embeddings."""
+    return S.class_embeddings(prompts.pooled, n_labels, n_templates)
+
+
 def _positive(value, what: str, hi: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= hi:
         raise FilipInvalidInputError(f"{what} must be an integer in 1..{hi}, got {value!r}")
 
 
 def search_inputs(grpc, texts: Sequence[str], k: int, mode: str, candidates: int | None,
-                  allowed_ids: Sequence[str] | None) -> list:
-    """Inputs of one filip_search request (validated here first, against the contract's bounds)."""
+                  allowed_ids: Sequence[str] | None, scoring: str | None = None) -> list:
+    """Inputs of one filip_search request (validated here first, against the contract's bounds);
+    ``scoring`` None: the server's default."""
     _positive(k, "k", L.MAX_K)
     if mode not in L.SEARCH_MODES:
         raise FilipInvalidInputError(f"mode must be one of {L.SEARCH_MODES}, got {mode!r}")
+    if scoring is not None and scoring not in S.SCORINGS:
+        raise FilipInvalidInputError(f"scoring must be one of {S.SCORINGS}, got {scoring!r}")
     if candidates is not None:
         _positive(candidates, "candidates", L.MAX_CANDIDATES)
     arrays = {"TEXT": _utf8(texts), "K": np.array([k]), "MODE": _utf8([mode])}
     if candidates is not None:
         arrays["CANDIDATES"] = np.array([candidates])
+    if scoring is not None:
+        arrays["SCORING"] = _utf8([scoring])
     if allowed_ids is not None:
         if isinstance(allowed_ids, str) or not allowed_ids or not all(isinstance(i, str) for i in allowed_ids):
             raise FilipInvalidInputError("allowed_ids must be a non-empty list of id strings")

@@ -123,25 +123,38 @@ class FilipClient:
         return Embeddings.concat(self._map(one, self._spans(P.IMAGE_MODEL, len(blobs), batch_size), progress, "images"))
 
     def score(self, images: Embeddings, texts: Embeddings, *, direction: str = "i2t",
-              timeout: float | None = None) -> np.ndarray:
-        """[n_img, n_txt] late-interaction scores: s_I (``"i2t"``: rank texts for an image) or s_T (``"t2i"``)."""
-        if direction not in ("i2t", "t2i"):
-            raise FilipInvalidInputError(f"direction must be 'i2t' or 't2i', got {direction!r}")
-        P.check_embeddings(images, "images")
-        P.check_embeddings(texts, "texts")
-        name = "S_I" if direction == "i2t" else "S_T"
-        res = self._call(P.SCORE_MODEL, P.score_inputs(grpc, images, texts), [name], timeout, "score")
+              scoring: str | None = None, timeout: float | None = None) -> np.ndarray:
+        """[n_img, n_txt]. ``scoring="token"``: late interaction, s_I (``direction="i2t"``:
+        rank texts for an image) or s_T (``"t2i"``); ``"global"``: cosine of the pooled
+        embeddings. ``None``: the served repository's rule (its checkpoint's)."""
+        scoring = P.scoring_of(scoring, self._config(P.SCORE_MODEL))
+        inputs, name = P.score_request(grpc, images, texts, direction, scoring)
+        res = self._call(P.SCORE_MODEL, inputs, [name], timeout, "score")
         return P.output(res, name, P.SCORE_MODEL)
 
     def classify(self, images: Embeddings | Sequence[P.ImageLike], labels: Sequence[str], *,
-                 templates: Sequence[str] = P.DEFAULT_TEMPLATES, mode: str = "mean",
+                 templates: Sequence[str] = P.DEFAULT_TEMPLATES, mode: str = "mean", scoring: str | None = None,
                  timeout: float | None = None) -> np.ndarray:
-        """Zero-shot scores [n_img, n_labels]: the mean of s_I over the prompt templates
-        (``mode="mean"``, FILIP's), or the mean of per-template softmax probabilities ("softmax")."""
+        """Zero-shot scores [n_img, n_labels]. ``scoring="token"`` (FILIP): the mean of s_I over
+        the prompt templates (``mode="mean"``), or the mean of per-template softmax
+        probabilities ("softmax"). ``"global"`` (CLIP's rule): per class the mean of the
+        normalised template embeddings, renormalised, and its cosine with each image
+        (``mode="mean"`` only). ``None``: the served repository's rule."""
+        scoring = P.scoring_of(scoring, self._config(P.SCORE_MODEL))
+        if scoring == "global" and mode != "mean":
+            raise FilipInvalidInputError(f"mode {mode!r} applies to token scoring; global zero-shot is CLIP's "
+                                         "mean of template embeddings (mode='mean')")
         prompts = P.build_prompts(labels, templates)
         if not isinstance(images, Embeddings):
             images = self.embed_images(images, timeout=timeout)
-        s_i = self.score(images, self.embed_texts(prompts, timeout=timeout), timeout=timeout)
+        texts = self.embed_texts(prompts, timeout=timeout)
+        if scoring == "global":
+            P.check_embeddings(images, "images")
+            classes = P.zero_shot_classes(texts, len(labels), len(templates))
+            res = self._call(P.SCORE_MODEL, P.pooled_score_inputs(grpc, images.pooled, classes), ["COSINE"],
+                                  timeout, "classify")
+            return P.output(res, "COSINE", P.SCORE_MODEL)
+        s_i = self.score(images, texts, scoring="token", timeout=timeout)
         scale = self.logit_scale() if mode == "softmax" else 1.0
         return P.aggregate_zero_shot(s_i, len(labels), len(templates), mode, scale)
 
@@ -156,8 +169,10 @@ class FilipClient:
         return amap.reshape(g, g) if g * g == amap.shape[0] else amap
 
     def search(self, texts: Sequence[str], *, k: int = P.L.DEFAULT_K, mode: str = P.L.DEFAULT_MODE, candidates: int | None = None,
-               allowed_ids: Sequence[str] | None = None, timeout: float | None = None) -> SearchResults:
-        """Top-``k`` gallery items per text by s_T, best first, as :class:`Hit` (id, score, metadata).
+               allowed_ids: Sequence[str] | None = None, scoring: str | None = None,
+               timeout: float | None = None) -> SearchResults:
+        """Top-``k`` gallery items per text, best first, as :class:`Hit` (id, score, metadata):
+        by s_T (``scoring="token"``) or the pooled cosine (``"global"``; None: the server's rule).
 
         ``mode``: "exact" (every item scored) or "two_stage" (``candidates`` items per query
         from the first stage, default 2000, re-ranked exactly); ``allowed_ids``: only these
@@ -170,7 +185,7 @@ class FilipClient:
             out.extend([] for _ in texts)
             return out
         for a, b in P.chunks(len(texts), P.L.MAX_QUERIES):
-            res = self._call(P.SEARCH_MODEL, P.search_inputs(grpc, texts[a:b], k, mode, candidates, allowed_ids),
+            res = self._call(P.SEARCH_MODEL, P.search_inputs(grpc, texts[a:b], k, mode, candidates, allowed_ids, scoring),
                              P.SEARCH_OUTPUTS, timeout, f"search texts {a}..{b - 1}")
             hits, info = P.parse_hits(res)
             out.extend(hits)

@@ -88,9 +88,11 @@ class Gallery:
         self.count = int(manifest["count"])
         self.dim = int(manifest["dim"] or 0)
         self.tokens_per_item = int(manifest["tokens_per_item"] or 0)
+        self.pooled_dim = int(manifest.get("pooled_dim") or 0)
         self.token_dtype = manifest["token_dtype"]
         self._row_of: dict[str, int] | None = None
         self._centroids: np.ndarray | None = None
+        self._pooled: np.ndarray | None = None
         self._starts = np.array([s.start for s in segments], np.int64)
         self.in_memory = bool(segments) and not isinstance(segments[0].tokens, np.memmap)
 
@@ -199,6 +201,13 @@ class Gallery:
             parts = [np.asarray(s.centroid) for s in self.segments]
             self._centroids = (np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32))
         return self._centroids
+
+    def pooled(self) -> np.ndarray:
+        """[N, E] float32 pooled (global) embeddings, concatenated in memory once."""
+        if self._pooled is None:
+            parts = [np.asarray(s.pooled) for s in self.segments]
+            self._pooled = (np.concatenate(parts) if parts else np.zeros((0, self.pooled_dim), np.float32))
+        return self._pooled
 
     def chunks(self, rows_per_chunk: int) -> Iterator[tuple[int, Segment, int, int]]:
         """(gallery row of the chunk, segment, local a, local b) over all rows in order."""

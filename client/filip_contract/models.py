@@ -102,13 +102,22 @@ IMAGE = Model(
 
 SCORE = Model(
     "filip_score", batched=False, adapter="ScoreModel",
-    inputs=(Tensor("IMAGE_TOKENS", "FP32", (-1, -1, "D")), Tensor("IMAGE_LENGTHS", "INT32", (-1,)),
-            Tensor("TEXT_TOKENS", "FP32", (-1, -1, "D")), Tensor("TEXT_LENGTHS", "INT32", (-1,))),
+    # token scoring takes the four token inputs; global scoring the two pooled ones
+    inputs=(Tensor("IMAGE_TOKENS", "FP32", (-1, -1, "D"), optional=True),
+            Tensor("IMAGE_LENGTHS", "INT32", (-1,), optional=True),
+            Tensor("TEXT_TOKENS", "FP32", (-1, -1, "D"), optional=True),
+            Tensor("TEXT_LENGTHS", "INT32", (-1,), optional=True),
+            Tensor("IMAGE_POOLED", "FP32", (-1, "E"), optional=True, doc="images' POOLED (global scoring)"),
+            Tensor("TEXT_POOLED", "FP32", (-1, "E"), optional=True, doc="texts' POOLED (global scoring)")),
     outputs=(Tensor("S_I", "FP32", (-1, -1), doc="image-to-text late interaction [n_img, n_txt]"),
              Tensor("S_T", "FP32", (-1, -1), doc="text-to-image late interaction [n_img, n_txt]"),
              Tensor("ALIGNMENT", "INT32", (-1, -1, -1), doc="each patch's best text token [n_img, n_txt, P]; "
-                                                            "computed only when requested")),
-    doc="late-interaction scores between given embeddings",
+                                                            "computed only when requested"),
+             Tensor("COSINE", "FP32", (-1, -1), doc="cosine of the pooled embeddings [n_img, n_txt] "
+                                                    "(global scoring)")),
+    # only the requested outputs are computed: S_I, S_T, ALIGNMENT from the token inputs,
+    # COSINE from the pooled ones
+    doc="scores between given embeddings: late interaction (token) or pooled cosine (global)",
 )
 
 SEARCH = Model(
@@ -116,6 +125,8 @@ SEARCH = Model(
     inputs=(Tensor("TEXT", "BYTES", (-1,), optional=True, doc="queries (UTF-8)"),
             Tensor("K", "INT32", (1,), optional=True, doc="hits per query"),
             Tensor("MODE", "BYTES", (1,), optional=True, doc="exact or two_stage"),
+            Tensor("SCORING", "BYTES", (1,), optional=True, doc="token (s_T) or global (pooled cosine); "
+                                                                   "default: the repository's"),
             Tensor("CANDIDATES", "INT32", (1,), optional=True, doc="two-stage candidates per query"),
             Tensor("ALLOWED_IDS", "BYTES", (-1,), optional=True, doc="search only these items"),
             Tensor("RELOAD", "BYTES", (1,), optional=True, doc="a gallery name to load instead of searching"),
@@ -127,11 +138,12 @@ SEARCH = Model(
             Tensor("ITEM_METADATA", "BYTES", (-1,), optional=True, doc="a JSON object per item"),
             Tensor("TOKEN_DTYPE", "BYTES", (1,), optional=True, doc="float16 (default) or int8, for a new gallery")),
     outputs=(Tensor("IDS", "BYTES", (-1, -1), doc="per query, best first; padding past COUNTS is the id \"\""),
-             Tensor("SCORES", "FP32", (-1, -1), doc="s_T, best first; padding past COUNTS is -inf"),
+             Tensor("SCORES", "FP32", (-1, -1), doc="s_T (token) or cosine (global), best first; "
+                                                   "padding past COUNTS is -inf"),
              Tensor("METADATA", "BYTES", (-1, -1), doc="JSON per hit; padding past COUNTS is {}"),
              Tensor("COUNTS", "INT32", (-1,), doc="hits per query (each query's own, as if it were sent alone)"),
              Tensor("INFO", "BYTES", (1,), doc="JSON: gallery, mode, timings; or the reload / append / status answer")),
-    doc="top-k gallery search by late interaction (TEXT), a gallery reload (RELOAD), an append to a gallery "
+    doc="top-k gallery search by late interaction or pooled cosine (TEXT), a gallery reload (RELOAD), an append to a gallery "
         "(APPEND), or a status request (none of them)",
 )
 
