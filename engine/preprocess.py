@@ -44,6 +44,9 @@ Where the engine deliberately differs from the references (documented in the REA
   everything above 255 to white. Mode ``I`` (32-bit integer, how Pillow holds some 16-bit
   files) is taken as 16-bit data: clipped to 0..65535, then ``>> 8``. Floating-point images
   (mode ``F``) have no defined 0..255 scale and are refused.
+- Palette + alpha (``PA``) is read as RGBA, its palette looked up: resized as it stands,
+  Pillow would interpolate the palette *indices* as plain numbers and drop the palette, and
+  the references' output is black in every pixel.
 - PIL images in modes no image file stores (``La``, ``RGBa``, ``HSV``:
   :data:`filip_contract.images.UNSTORED_MODES`) are first converted to ``LA``, ``RGBA``,
   ``RGB``, as the client sends them, so in-process and served results agree.
@@ -283,6 +286,8 @@ def _source_mode(img: Image.Image, what: str) -> Image.Image:
         return Image.fromarray((samples >> 8).astype(np.uint8))
     if mode in UNSTORED_MODES:              # modes no file stores: as the client sends them
         return img.convert(UNSTORED_MODES[mode])
+    if mode == "PA":                        # resized as it stands, its palette indices would be blended
+        return img.convert("RGBA")
     if mode == "RGB" or mode in _CONVERTIBLE_MODES:
         return img
     raise ImageDecodeError(
