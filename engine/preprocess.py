@@ -23,9 +23,11 @@ Two stages, both exact and both usable alone:
      - CenterCrop: offsets ``int(round((h - size) / 2.0))``;
      - then ``convert("RGB")`` (alpha and palette transparency dropped, no compositing);
      - ToTensor / Normalize: ``uint8 / 255`` then ``(x - mean) / std``, float32, CHW.
-   - ``"transformers"``: Hugging Face's ``CLIPImageProcessor``: ``convert("RGB")`` *first*,
-     the same Resize, a centre crop with floored offsets (``(h - size) // 2``), rescale by
-     ``1/255`` in float64 then float32, normalise.
+   - ``"transformers"``: Hugging Face's ``CLIPImageProcessor`` as its Pillow backend
+     computes it (``CLIPImageProcessorPil`` in transformers 5, the only one in 4.x): RGB
+     *first* (transparency composited onto white, as transformers' ``convert_to_rgb``
+     does), the same Resize, a centre crop with floored offsets (``(h - size) // 2``),
+     rescale by ``1/255`` in float64 then float32, normalise.
 
    Enlarging a thin image can make the resized image itself huge (a 2 x 100,000 banner
    resized to 224 x 11,200,000). Past ``_EXACT_RESIZE_MAX_PIXELS``, the long-axis pass is
@@ -295,6 +297,15 @@ def _source_mode(img: Image.Image, what: str) -> Image.Image:
         f"{', '.join(_CONVERTIBLE_MODES + tuple(UNSTORED_MODES) + _SIXTEEN_BIT_MODES)}")
 
 
+def _composite_on_white(img: Image.Image) -> Image.Image:
+    """transformers' ``convert_to_rgb``: an image with alpha (or palette transparency) is
+    composited onto white, any other converted with ``convert("RGB")``."""
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 def _to_rgb(img: Image.Image, what: str) -> Image.Image:
     """``convert("RGB")`` of a mode :func:`_source_mode` accepted (it drops alpha)."""
     mode = img.mode
@@ -486,7 +497,8 @@ class ImageTransform:
       CLIP's ``preprocess``): Resize(shortest side -> ``resize_size``, BICUBIC) and
       CenterCrop(``image_size``, offsets rounded) in the image's own mode, then
       ``convert("RGB")``, ToTensor (``uint8 / 255`` in float32), Normalize.
-    - ``"transformers"``: ``CLIPImageProcessor``: ``convert("RGB")`` first, then the same
+    - ``"transformers"``: ``CLIPImageProcessor`` (its Pillow backend): RGB first
+      (transparency composited onto white, as ``convert_to_rgb`` does), then the same
       Resize, a centre crop with floored offsets, rescale (``uint8 * (1/255)`` in float64,
       then float32) and normalise.
 
@@ -558,7 +570,7 @@ class ImageTransform:
         img = decode_image(src, max_pixels=self.max_pixels, max_bytes=self.max_bytes)
         what = "image"
         if self.recipe == "transformers":
-            img = _to_rgb(img, what)
+            img = _composite_on_white(img)
             window = _resize_crop(img, self.resize_size, self.image_size, _offset_floor)
         else:
             window = _to_rgb(_resize_crop(img, self.resize_size, self.image_size, _offset_round), what)
