@@ -196,7 +196,7 @@ def workload_calls(api, jpegs: list[bytes], captions: list[str]) -> dict[str, Ca
 
     def score(b: int):
         g = gallery(b)
-        return lambda i: api.score(g, query, direction="t2i")
+        return lambda i: api.score(g, query, direction="t2i", scoring="token")
 
     return {
         "image": lambda b: (lambda i: api.embed_images([jpegs[(i + k) % len(jpegs)] for k in range(b)], batch_size=b)),

@@ -108,12 +108,18 @@ def run(client: FilipClient, checkpoint: Path | None, gallery: Path | None = Non
     print(f"served: {len(img)} images in {t_img * 1e3:.0f} ms -> tokens {img.tokens.shape}, pooled {img.pooled.shape}")
     print(f"served: {len(txt)} texts in {t_txt * 1e3:.0f} ms -> tokens {txt.tokens.shape}, lengths {txt.lengths.tolist()}")
     print()
-    print(_table("s_I (image -> text: mean over patches of the best word)", names, TEXTS, client.score(img, txt)))
+    print(_table("s_I (token scoring, image -> text: mean over patches of the best word)", names, TEXTS,
+                 client.score(img, txt, scoring="token")))
     print()
-    print(_table("s_T (text -> image: mean over words of the best patch)", names, TEXTS, client.score(img, txt, direction="t2i")))
+    print(_table("s_T (token scoring, text -> image: mean over words of the best patch)", names, TEXTS,
+                 client.score(img, txt, scoring="token", direction="t2i")))
     print()
+    print(_table("global scoring (cosine of the pooled embeddings)", names, TEXTS, client.score(img, txt, scoring="global")))
+    print()
+    scoring = client.default_scoring()
     zs = client.classify(img, LABELS)
-    print(_table("zero-shot (mean s_I over the prompt ensemble)", names, LABELS, zs))
+    rule = "mean s_I over the prompt ensemble" if scoring == "token" else "CLIP's rule: mean template embedding"
+    print(_table(f"zero-shot by the repository's default scoring, {scoring} ({rule})", names, LABELS, zs))
     for n, row in zip(names, zs):
         print(f"  {n}: {LABELS[int(np.argmax(row))]}")
     print()

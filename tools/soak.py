@@ -125,7 +125,7 @@ def run_soak(url: str, *, duration: float, rate: float, bad_share: float = 0.1, 
         elif kind == "text":
             client.embed_texts([" ".join(pick.choice(words) for _ in range(pick.randint(3, 15)))])
         else:
-            client.score(gallery, query, direction="t2i")
+            client.score(gallery, query, direction="t2i", scoring="token")
 
     def bad(kind: str):   # refused on the server (corrupt image) or by the client (over-long text)
         if kind == "image":

@@ -191,6 +191,10 @@ class AsyncFilipClient:
             embed, images, gallery, ids=ids, metadata=metadata, token_dtype=token_dtype,
             commit_every=commit_every, progress=progress, server=server))
 
+    async def default_scoring(self) -> str:
+        """The served repository's scoring rule ("token" or "global"), used where a call names none."""
+        return P.scoring_of(None, await self._config(P.SCORE_MODEL))
+
     async def logit_scale(self) -> float:
         return float((await self._config(P.SCORE_MODEL))["parameters"]["logit_scale"]["string_value"])
 

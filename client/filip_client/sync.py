@@ -223,6 +223,10 @@ class FilipClient:
                             images, gallery, ids=ids, metadata=metadata, token_dtype=token_dtype,
                             commit_every=commit_every, progress=progress, server=server)
 
+    def default_scoring(self) -> str:
+        """The served repository's scoring rule ("token" or "global"), used where a call names none."""
+        return P.scoring_of(None, self._config(P.SCORE_MODEL))
+
     def logit_scale(self) -> float:
         """The model's similarity multiplier (exp of its logit scale), from the served config."""
         return float(self._config(P.SCORE_MODEL)["parameters"]["logit_scale"]["string_value"])
