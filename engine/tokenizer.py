@@ -16,9 +16,29 @@ Text never produces control tokens: a literal ``<|endoftext|>`` in a caption is 
 as the characters it is made of, as OpenCLIP's tokenizer does (OpenAI's original mapped it
 to EOT; OpenCLIP instead maps its own spelling ``<end_of_text>``, which we also leave as
 text).  Only the SOT/EOT the tokenizer adds are special.  Vocabulary sources: a CLIP merges file (``bpe_simple_vocab_16e6.txt`` or
-``.txt.gz``), a Hugging Face ``tokenizer.json`` holding a CLIP BPE, or the merges text a
-native checkpoint carries.  ``vocab_size=49409`` selects DeCLIP's variant (``<|mask|>``
-inserted before SOT, so SOT/EOT ids shift by +1).
+``.txt.gz``), a Hugging Face ``tokenizer.json`` holding a CLIP BPE, a Hugging Face
+``merges.txt`` with its ``vocab.json`` beside it, or the merges text a native checkpoint
+carries.  ``vocab_size=49409`` selects DeCLIP's variant (``<|mask|>`` inserted before SOT,
+so SOT/EOT ids shift by +1).
+
+Text cleaning (``cleaning=``) comes in two kinds, because transformers' ``CLIPTokenizer``
+does not clean text the way CLIP's reference does:
+
+- ``"openai"`` (the reference, step 1 above): ftfy, HTML unescaping, whitespace, lower case.
+- ``"hf"`` (transformers' ``CLIPTokenizer``, the only CLIP tokenizer of transformers 5, and
+  v4's ``CLIPTokenizerFast``): Unicode NFC, ``\\s+`` -> one space, lower case, done by the
+  same Rust normalisers transformers uses.  No ftfy and no HTML unescaping, so ``&amp;``,
+  curly quotes (``don’t``), ligatures (``ﬁ``), full-width letters and mojibake give other
+  ids than the reference.  The split, the BPE and the truncation are the same as in
+  ``"openai"``.  One difference from transformers is kept on purpose: a literal
+  ``<|endoftext|>`` / ``<|startoftext|>`` in a caption stays text here, while transformers
+  maps it to the special id (and its CLIP then pools the text at that first EOS).
+
+:meth:`ClipTokenizer.from_file` picks the kind from the file unless told: ``"hf"`` for a
+``tokenizer.json`` carrying transformers' CLIP normaliser and for a ``merges.txt`` with a
+``vocab.json`` beside it (the files transformers reads), ``"openai"`` for a CLIP merges file,
+a ``tokenizer.json`` without a normaliser, and the merges text of a native checkpoint; a
+tokenizer.json this module wrote records its kind.
 """
 from __future__ import annotations
 
@@ -34,7 +54,7 @@ from typing import Sequence
 
 import ftfy
 import numpy as np
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from .errors import TextInputError, TokenizerError
 
@@ -47,6 +67,18 @@ _SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 _MERGES_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 # Packages known to ship CLIP's merges file next to their code.
 _PACKAGES_WITH_MERGES = ("open_clip", "clip", "declip", "sentence_transformers")
+CLEANINGS = ("openai", "hf")
+# transformers' CLIPTokenizer normaliser (tokenization_clip.py), as serialised in its tokenizer.json.
+_HF_NORMALIZER = {"type": "Sequence", "normalizers": [
+    {"type": "NFC"}, {"type": "Replace", "pattern": {"Regex": r"\s+"}, "content": " "}, {"type": "Lowercase"}]}
+_CLEANING_NOTE = {
+    "openai": "ftfy + html.unescape x2 + whitespace collapse + lower (done in Python)",
+    "hf": "transformers' CLIPTokenizer: NFC + \\s+ -> ' ' + Lowercase (the Rust normalizer of this file)",
+}
+
+
+def _hf_normalizer():
+    return normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
 
 
 @lru_cache()
@@ -90,6 +122,16 @@ def find_clip_merges_file() -> Path:
     )
 
 
+def _cleaning_of(normalizer, path: Path) -> str:
+    """The cleaning a foreign tokenizer.json asks for: none (a bare BPE) or transformers' CLIP one."""
+    if normalizer is None:
+        return "openai"
+    if normalizer == _HF_NORMALIZER:
+        return "hf"
+    raise TokenizerError(f"{path}: its normalizer {json.dumps(normalizer)[:200]} is neither none nor transformers' "
+                         f"CLIP normalizer (NFC, \\s+ -> ' ', Lowercase), so its ids cannot be reproduced")
+
+
 @dataclass(frozen=True)
 class TokenBatch:
     ids: np.ndarray        # int64 [N, L], zero-padded
@@ -121,11 +163,14 @@ def _parse_merges(text: str, source: str) -> list[tuple[str, str]]:
 
 class ClipTokenizer:
     def __init__(self, merges: list[tuple[str, str]], *, vocab_size: int | None = None,
-                 context_length: int = DEFAULT_CONTEXT_LENGTH, source: str = "<merges>"):
+                 context_length: int = DEFAULT_CONTEXT_LENGTH, source: str = "<merges>",
+                 cleaning: str = "openai"):
         vocab_size = vocab_size or CLIP_VOCAB_SIZE
         specials = _special_tokens(vocab_size)
         if context_length < 2:
             raise TokenizerError(f"context_length must be at least 2, got {context_length}")
+        if cleaning not in CLEANINGS:
+            raise TokenizerError(f"cleaning must be one of {CLEANINGS}, got {cleaning!r}")
         base = list(bytes_to_unicode().values())
         vocab_list = base + [v + "</w>" for v in base] + ["".join(m) for m in merges] + specials
         vocab = {tok: i for i, tok in enumerate(vocab_list)}
@@ -137,8 +182,11 @@ class ClipTokenizer:
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
         tok.decoder = decoders.ByteLevel()
+        if cleaning == "hf":
+            tok.normalizer = _hf_normalizer()
         self._tok = tok
         self._merges = merges
+        self.cleaning = cleaning
         self.vocab_size = len(vocab_list)
         self.sot_token_id = vocab[SOT]
         self.eot_token_id = vocab[EOT]
@@ -148,17 +196,24 @@ class ClipTokenizer:
     # --- construction --------------------------------------------------------------------
     @classmethod
     def from_merges_text(cls, text: str, *, vocab_size: int | None = None,
-                         context_length: int = DEFAULT_CONTEXT_LENGTH, source: str = "merges text") -> "ClipTokenizer":
+                         context_length: int = DEFAULT_CONTEXT_LENGTH, source: str = "merges text",
+                         cleaning: str = "openai") -> "ClipTokenizer":
         if not isinstance(text, str):
             raise TokenizerError(f"{source}: expected the merges file's text, got {type(text).__name__}")
-        return cls(_parse_merges(text, source), vocab_size=vocab_size, context_length=context_length, source=source)
+        return cls(_parse_merges(text, source), vocab_size=vocab_size, context_length=context_length, source=source,
+                   cleaning=cleaning)
 
     @classmethod
     def from_file(cls, path: str | Path, *, vocab_size: int | None = None,
-                  context_length: int = DEFAULT_CONTEXT_LENGTH) -> "ClipTokenizer":
+                  context_length: int = DEFAULT_CONTEXT_LENGTH, cleaning: str | None = None) -> "ClipTokenizer":
+        """A merges file (``.txt`` / ``.txt.gz``; a ``merges.txt`` with a ``vocab.json`` beside it
+        is transformers' pair, checked against that vocab.json) or a ``tokenizer.json``.
+        ``cleaning`` None picks the kind from the file (see the module docstring)."""
         path = Path(path)
         if not path.is_file():
             raise TokenizerError(f"vocabulary file not found: {path}")
+        if cleaning is not None and cleaning not in CLEANINGS:
+            raise TokenizerError(f"cleaning must be one of {CLEANINGS}, got {cleaning!r}")
         try:
             raw = path.read_bytes()
             if raw[:2] == b"\x1f\x8b":
@@ -167,11 +222,45 @@ class ClipTokenizer:
         except (OSError, EOFError, UnicodeDecodeError, gzip.BadGzipFile) as e:
             raise TokenizerError(f"{path}: cannot read the vocabulary ({e})") from e
         if text.lstrip().startswith("{"):
-            return cls._from_tokenizer_json(text, path, vocab_size, context_length)
-        return cls.from_merges_text(text, vocab_size=vocab_size, context_length=context_length, source=str(path))
+            return cls._from_tokenizer_json(text, path, vocab_size, context_length, cleaning)
+        vocab_json = path.with_name("vocab.json") if path.name == "merges.txt" else None
+        if vocab_json is not None and vocab_json.is_file():
+            return cls._from_hf_pair(text, path, vocab_json, vocab_size, context_length, cleaning or "hf")
+        return cls.from_merges_text(text, vocab_size=vocab_size, context_length=context_length, source=str(path),
+                                    cleaning=cleaning or "openai")
 
     @classmethod
-    def _from_tokenizer_json(cls, text: str, path: Path, vocab_size: int | None, context_length: int) -> "ClipTokenizer":
+    def _from_hf_pair(cls, text: str, merges_path: Path, vocab_path: Path, vocab_size: int | None,
+                      context_length: int, cleaning: str) -> "ClipTokenizer":
+        """transformers' ``vocab.json`` + ``merges.txt``: transformers uses every merge in the file
+        and the ids of vocab.json, so both must be exactly CLIP's."""
+        n = sum(1 for line in text.split("\n")[1:] if line.strip())
+        if n != _N_MERGES:
+            raise TokenizerError(f"{merges_path}: {n} merges, but a CLIP merges.txt beside a vocab.json holds exactly "
+                                 f"{_N_MERGES} (transformers would use all of them)")
+        tok = cls.from_merges_text(text, vocab_size=vocab_size, context_length=context_length, source=str(merges_path),
+                                   cleaning=cleaning)
+        try:
+            vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+            if not isinstance(vocab, dict):
+                raise TypeError(f"a {type(vocab).__name__}, not an object")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+            raise TokenizerError(f"{vocab_path}: not a readable vocab.json ({e})") from e
+        tok._check_vocab(vocab, f"{vocab_path} (beside {merges_path.name})")
+        return tok
+
+    def _check_vocab(self, vocab: dict, source: str) -> None:
+        """The file's token -> id table must be exactly the one CLIP's merges imply."""
+        if len(vocab) != self.vocab_size:
+            raise TokenizerError(f"{source}: {len(vocab)} tokens, but the merges imply CLIP's {self.vocab_size}")
+        for t, i in vocab.items():
+            if self._tok.token_to_id(t) != i:
+                raise TokenizerError(f"{source}: token {t!r} has id {i} in the file but "
+                                     f"{self._tok.token_to_id(t)} in CLIP's layout")
+
+    @classmethod
+    def _from_tokenizer_json(cls, text: str, path: Path, vocab_size: int | None, context_length: int,
+                             cleaning: str | None = None) -> "ClipTokenizer":
         try:
             data = json.loads(text)
             model = data["model"]
@@ -188,10 +277,20 @@ class ClipTokenizer:
         meta = data.get("filip") or {}
         size = vocab_size or meta.get("vocab_size") or len(vocab)
         ctx = meta.get("context_length", context_length) if context_length == DEFAULT_CONTEXT_LENGTH else context_length
-        tok = cls(list(pairs[:_N_MERGES]), vocab_size=size, context_length=ctx, source=str(path))
+        if cleaning is None:
+            cleaning = meta.get("text_cleaning") or _cleaning_of(data.get("normalizer"), path)
+            if cleaning not in CLEANINGS:
+                raise TokenizerError(f"{path}: filip.text_cleaning {cleaning!r} is not one of {CLEANINGS}")
+        tok = cls(list(pairs[:_N_MERGES]), vocab_size=size, context_length=ctx, source=str(path), cleaning=cleaning)
         for t, i in vocab.items():   # the file's ids must be CLIP's ids
             if tok._tok.token_to_id(t) != i:
                 raise TokenizerError(f"{path}: token {t!r} has id {i} in the file but {tok._tok.token_to_id(t)} in CLIP's layout")
+        specials = set(_special_tokens(tok.vocab_size))
+        for added in data.get("added_tokens") or []:   # transformers' special tokens: only CLIP's own, at CLIP's ids
+            content, i = added.get("content"), added.get("id")
+            if content not in specials or tok._tok.token_to_id(content) != i:
+                raise TokenizerError(f"{path}: added token {content!r} (id {i}) is not one of CLIP's special tokens "
+                                     f"at CLIP's id; the engine's tokenizer cannot produce it")
         return tok
 
     @property
@@ -204,15 +303,19 @@ class ClipTokenizer:
         variant and context length ride along under the extra key ``filip``)."""
         data = json.loads(self._tok.to_str())
         data["filip"] = {"vocab_size": self.vocab_size, "context_length": self.context_length,
-                         "cleaning": "ftfy + html.unescape x2 + whitespace collapse + lower (done in Python)"}
+                         "text_cleaning": self.cleaning, "cleaning": _CLEANING_NOTE[self.cleaning]}
         Path(path).write_text(json.dumps(data, ensure_ascii=False))
 
     # --- tokenising ----------------------------------------------------------------------
+    def _clean(self, text: str) -> str:
+        """Step 1 in Python for "openai"; for "hf" the Rust normaliser does it inside encode."""
+        return clean_text(text) if self.cleaning == "openai" else text
+
     def encode(self, text: str) -> list[int]:
         """BPE ids of one text, without SOT/EOT."""
         if not isinstance(text, str):
             raise TextInputError(f"expected a str, got {type(text).__name__}")
-        return self._tok.encode(clean_text(text), add_special_tokens=False).ids
+        return self._tok.encode(self._clean(text), add_special_tokens=False).ids
 
     def __call__(self, texts: Sequence[str], *, context_length: int | None = None, pad_to: str = "context",
                  truncate: bool = True, allow_empty: bool = False) -> TokenBatch:
@@ -225,12 +328,14 @@ class ClipTokenizer:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TextInputError(f"text {i} is a {type(t).__name__}, expected str")
-            c = clean_text(t)
+            c = self._clean(t)
             if not c and not allow_empty:
                 raise TextInputError(f"text {i} is empty")
             cleaned.append(c)
         rows = []
         for i, enc in enumerate(self._tok.encode_batch(cleaned, add_special_tokens=False)):
+            if not enc.ids and not allow_empty and self.cleaning == "hf":   # e.g. whitespace only
+                raise TextInputError(f"text {i} is empty")
             row = [self.sot_token_id, *enc.ids, self.eot_token_id]
             if len(row) > ctx:
                 if not truncate:
