@@ -28,7 +28,8 @@ from filip_export.triton_repo import MODELS, TRT_MODELS, RepoSettings, TensorRTP
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python export/to_trt.py", description=__doc__.split("\n\n")[1])
-    p.add_argument("checkpoint", type=Path, help="native, OpenCLIP/OpenAI CLIP or DeCLIP FILIP checkpoint (.pt)")
+    p.add_argument("checkpoint", type=Path, help="native, OpenCLIP/OpenAI CLIP or DeCLIP FILIP checkpoint file, "
+                        "or a Hugging Face CLIPModel directory (config.json + weights + tokenizer files)")
     p.add_argument("--out", type=Path, default=Path("triton_models"), help="output directory (default: triton_models)")
     p.add_argument("--vocab", type=Path, default=None,
                    help="CLIP BPE merges file (bpe_simple_vocab_16e6.txt[.gz]) or a Hugging Face tokenizer.json; "
