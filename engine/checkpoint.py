@@ -81,6 +81,10 @@ class LoadedCheckpoint:
     # "global" (pooled cosine: CLIP checkpoints, openclip and hf) or "token" (late
     # interaction: FILIP checkpoints, native and declip); filled in from the layout.
     default_scoring: str = ""
+    # An OpenCLIP model directory's preprocess_cfg as an ImageTransform recipe
+    # (ImageTransform.to_dict() form: OpenCLIP's transform with the directory's mean / std);
+    # None where the checkpoint says nothing (OpenCLIP's defaults apply).
+    preprocess: dict | None = None
 
     def __post_init__(self) -> None:
         if not self.default_scoring:
@@ -301,17 +305,29 @@ def load_checkpoint(path: str | Path, *, activation: str | None = None,
                     vision_heads: int | None = None, text_heads: int | None = None) -> LoadedCheckpoint:
     """Load any supported checkpoint into an fp32, eval-mode :class:`FilipModel`.
 
-    ``path`` is a checkpoint file, or a Hugging Face ``CLIPModel`` directory (layout "hf").
+    ``path`` is a checkpoint file, an OpenCLIP model directory (``open_clip_config.json`` beside
+    the weights: layout "openclip" with the activation, head counts and preprocessing it
+    states), or a Hugging Face ``CLIPModel`` directory (layout "hf").
     ``activation`` ("quick_gelu" | "gelu") is required knowledge for foreign state dicts:
     nothing in them says which; default "quick_gelu" (OpenAI CLIP, DeCLIP).  For a native
     checkpoint the stored config wins, and for an "hf" directory its config.json (as do its
     head counts): a conflicting ``activation`` (or ``vision_heads`` / ``text_heads``) is an error.
     """
     path = Path(path)
+    if path.is_dir() and (path / OPENCLIP_CONFIG).is_file():
+        return _load_openclip_dir(path, None, activation, vision_heads, text_heads)
+    if path.is_file() and (path.parent / OPENCLIP_CONFIG).is_file():
+        return _load_openclip_dir(path.parent, path, activation, vision_heads, text_heads)
     if path.is_dir():
         return _load_hf(path, None, activation, vision_heads, text_heads)
     if path.name in _HF_WEIGHTS + _HF_INDEXES and (path.parent / "config.json").is_file():
         return _load_hf(path.parent, path, activation, vision_heads, text_heads)
+    return load_checkpoint_file(path, activation=activation, vision_heads=vision_heads, text_heads=text_heads)
+
+
+def load_checkpoint_file(path: Path, *, activation: str | None = None, vision_heads: int | None = None,
+                         text_heads: int | None = None) -> LoadedCheckpoint:
+    """One checkpoint file (native, OpenCLIP / OpenAI CLIP or DeCLIP), whatever lies beside it."""
     obj = _read(path)
     if isinstance(obj, Mapping) and obj.get("format") == NATIVE_FORMAT:
         return _load_native(obj, path, activation)
@@ -353,6 +369,79 @@ def _load_native(obj: Mapping, path: Path, activation: str | None) -> LoadedChec
     model = FilipModel(cfg).eval()
     _load_weights(model, obj["state_dict"], path)
     return LoadedCheckpoint(model, cfg, "native", path, vocab)
+
+
+# --- OpenCLIP model directories (open_clip_config.json + weights) ----------------------
+OPENCLIP_CONFIG = "open_clip_config.json"
+_OPENCLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# Settings of an OpenCLIP model config that change what the towers compute, with the value
+# the engine's towers implement; any other value is refused (a custom text tower, attentional
+# pooling, a timm trunk, ...). Keys not named here (dropout, patch dropout, output_tokens,
+# head_width, heads, widths, ...) do not change an eval forward pass or are read from shapes.
+_OPENCLIP_FIXED = {
+    "model_cfg": {"custom_text": False, "cast_dtype": None, "init_logit_bias": None},
+    "vision_cfg": {"timm_model_name": None, "attentional_pool": False, "no_ln_pre": False,
+                   "final_ln_after_pool": False, "pool_type": "tok", "ls_init_value": None,
+                   "input_patchnorm": False, "global_average_pool": False, "act_kwargs": None,
+                   "norm_kwargs": None, "pos_embed_type": "learnable"},
+    "text_cfg": {"hf_model_name": None, "pool_type": "argmax", "proj_bias": False, "no_causal_mask": False,
+                 "embed_cls": False, "ls_init_value": None, "act_kwargs": None, "norm_kwargs": None,
+                 "final_ln_after_pool": False, "proj_type": "linear"},
+    "preprocess_cfg": {"interpolation": "bicubic", "resize_mode": "shortest"},
+}
+
+
+def _load_openclip_dir(directory: Path, weights: Path | None, activation: str | None,
+                       vision_heads: int | None, text_heads: int | None) -> LoadedCheckpoint:
+    """An OpenCLIP model directory (what ``open_clip.create_model('local-dir:DIR')`` and
+    ``hf-hub:`` load): ``open_clip_config.json`` (``model_cfg``, ``preprocess_cfg``) and the
+    weights. The config says what a bare state dict cannot: the activation (``quick_gelu``:
+    QuickGELU, else OpenCLIP's default exact GELU), the head counts and the normalisation."""
+    cfg_path = directory / OPENCLIP_CONFIG
+    raw = _read_json(cfg_path)
+    model_cfg = raw.get("model_cfg", raw)
+    pre = raw.get("preprocess_cfg") or {}
+    parts = {"model_cfg": model_cfg, "vision_cfg": model_cfg.get("vision_cfg"), "text_cfg": model_cfg.get("text_cfg"),
+             "preprocess_cfg": pre}
+    for name, part in parts.items():
+        if not isinstance(part, dict):
+            raise CheckpointError(f"{cfg_path}: '{name}' must be a JSON object, got {type(part).__name__}")
+        for key, fine in _OPENCLIP_FIXED[name].items():
+            if part.get(key, fine) != fine:
+                raise CheckpointError(f"{cfg_path}: {name}.{key} = {part[key]!r} changes what the towers compute "
+                                      f"and the engine implements only {fine!r}")
+    vis, txt = parts["vision_cfg"], parts["text_cfg"]
+    stated = "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"
+    if activation is not None and activation != stated:
+        raise CheckpointError(f"{cfg_path}: the config says activation {stated!r} (quick_gelu = "
+                              f"{bool(model_cfg.get('quick_gelu', False))}), but {activation!r} was requested")
+    heads = {"vision": max(int(vis.get("width", 768)) // int(vis.get("head_width", 64)), 1),
+             "text": int(txt.get("heads", 8))}
+    for tower, given in (("vision", vision_heads), ("text", text_heads)):
+        if given is not None and given != heads[tower]:
+            raise CheckpointError(f"{cfg_path}: the config gives the {tower} tower {heads[tower]} heads, "
+                                  f"but {given} were requested")
+    if weights is None:
+        found = [directory / n for n in _OPENCLIP_WEIGHTS if (directory / n).is_file()]
+        if not found:
+            raise CheckpointError(f"{directory}: an OpenCLIP model directory without weights "
+                                  f"(expected {' or '.join(_OPENCLIP_WEIGHTS)} beside {OPENCLIP_CONFIG})")
+        weights = found[0]
+    ck = load_checkpoint_file(weights, activation=stated, vision_heads=heads["vision"], text_heads=heads["text"])
+    if ck.layout != "openclip":
+        raise CheckpointError(f"{weights}: {OPENCLIP_CONFIG} beside it, but the weights are in the {ck.layout} layout")
+    size = ck.config.vision.image_size
+    for key, want in (("image_size", size), ("embed_dim", ck.config.embed_dim)):
+        stated_value = (vis if key == "image_size" else model_cfg).get(key)
+        if stated_value is not None and stated_value not in (want, [want, want]):
+            raise CheckpointError(f"{cfg_path}: {key} {stated_value!r} disagrees with the weights ({want})")
+    if pre.get("image_size") not in (None, size, [size, size]):
+        raise CheckpointError(f"{cfg_path}: preprocess_cfg.image_size {pre['image_size']!r} is not the tower's {size}")
+    mean = list(pre.get("mean", (0.48145466, 0.4578275, 0.40821073)))
+    std = list(pre.get("std", (0.26862954, 0.26130258, 0.27577711)))
+    preprocess = {"recipe": "openclip", "image_size": size, "resize_size": size, "mean": mean, "std": std}
+    ck.path, ck.preprocess = directory, preprocess
+    return ck
 
 
 # --- Hugging Face transformers CLIPModel directories ----------------------------------

@@ -79,7 +79,10 @@ def load_tokenizer(cfg: FilipConfig, *, vocab: str | Path | None = None, embedde
 
 def checkpoint_transform(ckpt: LoadedCheckpoint, **limits) -> ImageTransform:
     """The preprocessing of the checkpoint's own library: transformers' processor settings for
-    a Hugging Face directory, else OpenCLIP's eval transform at the tower's size."""
+    a Hugging Face directory, an OpenCLIP directory's own normalisation, else OpenCLIP's eval
+    transform at the tower's size."""
+    if ckpt.preprocess is not None:
+        return ImageTransform.from_dict(ckpt.preprocess, **limits)
     if ckpt.image_processor is not None:
         return ImageTransform.from_image_processor(ckpt.image_processor, **limits)
     return ImageTransform(ckpt.config.vision.image_size, **limits)

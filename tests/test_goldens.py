@@ -309,3 +309,55 @@ def test_zero_shot_global_equals_openclip_classifier(pipe):
     assert got.shape == want.shape
     assert np.abs(got - want).max() <= 1e-4
     assert np.array_equal(got.argmax(axis=1), m["zeroshot_top1"])
+
+
+# --- an OpenCLIP model directory -----------------------------------------------------------
+def test_openclip_directory_says_what_a_bare_state_dict_cannot(tmp_path):
+    """open_clip_config.json beside the weights: its model_cfg has no quick_gelu, so OpenCLIP
+    builds exact GELU, and its preprocess_cfg has its own mean / std. Loaded as OpenCLIP itself
+    loads it (local-dir:), the engine must give OpenCLIP's embeddings with no --activation."""
+    import shutil
+
+    from filip_engine.checkpoint import load_checkpoint
+    from filip_engine.pipeline import FilipPipeline
+
+    info = MANIFEST["openclip_dir"]
+    d = tmp_path / "oc"
+    shutil.copytree(GOLDENS / info["folder"], d)
+    shutil.copy(CKPT, d / "open_clip_pytorch_model.bin")
+    ck = load_checkpoint(d)
+    assert ck.layout == "openclip" and ck.config.activation == "gelu" and ck.default_scoring == "global"
+    assert ck.preprocess["mean"] == [0.5, 0.45, 0.4]
+    assert load_checkpoint(d / "open_clip_pytorch_model.bin").config.activation == "gelu"   # the file: same
+    pipe = FilipPipeline.from_checkpoint(d)
+    want = golden("openclip_dir.npz")
+    img = pipe.embed_images([str(GOLDENS / f) for f in info["files"]])
+    keep = [i for i, c in enumerate(MANIFEST["captions"]) if c.strip()]     # the engine refuses empty texts
+    caps = [MANIFEST["captions"][i] for i in keep]
+    txt = pipe.embed_texts(caps)
+    ci, ct = cosines(img.pooled, want["image_pooled"]), cosines(txt.pooled, want["text_pooled"][keep])
+    print(f"OpenCLIP directory: image pooled min cosine {ci.min():.7f}, text {ct.min():.7f}")
+    assert ci.min() >= MIN_COSINE and ct.min() >= MIN_COSINE
+    bare = FilipPipeline.from_checkpoint(CKPT)       # the same weights read as a bare state dict: QuickGELU
+    assert cosines(bare.embed_texts(caps).pooled, want["text_pooled"][keep]).min() < 0.9999
+    with pytest.raises(Exception, match="says activation 'gelu'"):
+        load_checkpoint(d, activation="quick_gelu")
+
+
+@pytest.mark.parametrize("part, key, value", [("vision_cfg", "attentional_pool", True),
+                                              ("text_cfg", "hf_model_name", "bert-base-uncased"),
+                                              ("preprocess_cfg", "resize_mode", "squash")])
+def test_openclip_directory_settings_the_engine_does_not_compute_are_refused(tmp_path, part, key, value):
+    import shutil
+
+    from filip_engine.checkpoint import load_checkpoint
+    from filip_engine.errors import CheckpointError
+
+    d = tmp_path / "oc"
+    shutil.copytree(GOLDENS / MANIFEST["openclip_dir"]["folder"], d)
+    shutil.copy(CKPT, d / "open_clip_pytorch_model.bin")
+    cfg = json.loads((d / "open_clip_config.json").read_text())
+    (cfg["model_cfg"] if part != "preprocess_cfg" else cfg).setdefault(part, {})[key] = value
+    (d / "open_clip_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=f"{part}.{key}"):
+        load_checkpoint(d)

@@ -94,6 +94,9 @@ LOGIT_SCALE = math.log(50.0)
 VISION_CFG = dict(image_size=224, patch_size=32, width=64, layers=2, head_width=64)
 TEXT_CFG = dict(context_length=77, vocab_size=49408, width=32, heads=1, layers=2)
 EMBED_DIM = 32
+OC_DIR = "openclip_dir"                     # an OpenCLIP model directory's config (weights: CKPT_NAME)
+OC_DIR_MEAN = (0.5, 0.45, 0.4)
+OC_DIR_STD = (0.25, 0.26, 0.27)
 
 CAPTIONS = (
     "a photo of a cat",
@@ -606,6 +609,31 @@ def reference_goldens(out: Path, hopper: Path) -> None:
     print(f"reference: zero-shot over {len(photos)} photos x {len(CLASSNAMES)} classes, {len(templates)} "
           f"templates; top-1 {[CLASSNAMES[i] for i in top1.tolist()]}; smallest top-1 margin {margin:.3g}")
 
+    # --- an OpenCLIP model directory (open_clip_config.json beside the same weights) -------
+    # No quick_gelu in its model_cfg: OpenCLIP then builds exact GELU, which no bare state
+    # dict could say; and its own normalisation. Loaded by OpenCLIP itself through local-dir:.
+    oc_cfg = {"model_cfg": {"embed_dim": EMBED_DIM, "vision_cfg": dict(VISION_CFG), "text_cfg": dict(TEXT_CFG)},
+              "preprocess_cfg": {"mean": list(OC_DIR_MEAN), "std": list(OC_DIR_STD), "interpolation": "bicubic",
+                                 "resize_mode": "shortest"}}
+    (out / OC_DIR).mkdir(exist_ok=True)
+    write_json(out / OC_DIR / "open_clip_config.json", oc_cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(out / OC_DIR / "open_clip_config.json", Path(tmp) / "open_clip_config.json")
+        shutil.copy(out / CKPT_NAME, Path(tmp) / "open_clip_pytorch_model.bin")
+        oc_model, _, oc_pre = open_clip.create_model_and_transforms("local-dir:" + tmp)
+        oc_tok = open_clip.get_tokenizer("local-dir:" + tmp)
+    oc_model.eval()
+    gelus = [type(m).__name__ for m in oc_model.modules() if "GELU" in type(m).__name__]
+    assert gelus and set(gelus) == {"GELU"}, gelus
+    oc_files = [next(e["file"] for e in entries if e["id"] == k) for k in photos]
+    with torch.no_grad():
+        oc_img = oc_model.encode_image(torch.stack([oc_pre(Image.open(out / f)) for f in oc_files]), normalize=True)
+        oc_txt = oc_model.encode_text(oc_tok(list(CAPTIONS)), normalize=True)
+    print(f"reference: OpenCLIP directory (exact GELU, mean {OC_DIR_MEAN}): {len(oc_files)} photos, "
+          f"{len(CAPTIONS)} captions; transform {oc_pre!r}")
+    save_npz(out / "openclip_dir.npz", {"image_pooled": oc_img.numpy().astype(np.float32),
+                                        "text_pooled": oc_txt.numpy().astype(np.float32)})
+
     save_npz(out / "model.npz", {
         "image_pooled": pooled.numpy().astype(np.float32),
         "image_tokens": img_tokens.numpy().astype(np.float32),
@@ -648,6 +676,11 @@ def reference_goldens(out: Path, hopper: Path) -> None:
         "text_tokens_how": "forward hook on ln_final during model.encode_text: ln_final(x) @ text_projection, "
                            "L2-normalised, zero past SOT..EOT (length = argmax(ids) + 1, OpenCLIP's pooling index)",
         "text_pooled_how": "model.encode_text(ids, normalize=True)",
+        "openclip_dir": {"folder": OC_DIR, "photos": photos, "files": oc_files, "captions": "captions",
+                         "how": "open_clip.create_model_and_transforms('local-dir:' + a folder holding "
+                                "open_clip_config.json and clip_tiny_openai.pt as open_clip_pytorch_model.bin); "
+                                "encode_image(transform(Image.open(file)), normalize=True), "
+                                "encode_text(get_tokenizer('local-dir:...')(captions), normalize=True)"},
         "zeroshot": {"classnames": list(CLASSNAMES), "template_set": f"open_clip.{TEMPLATE_SET}",
                      "templates": template_strings, "photos": photos,
                      "how": "build_zero_shot_classifier(model, tokenizer, classnames, templates) -> W [D, C]; "
@@ -716,6 +749,7 @@ Made with: {versions}.
 | `preprocess_{small}.npz` | the same at {small} for the tiny and thin inputs (key: `golden_small`) |
 | `deviations_{size}.npz` | OpenCLIP applied after the engine's documented reading: `<id>__shift8` (16-bit `>> 8`), `<id>__exif_transpose`, `<id>__as_rgba` (PA read as RGBA) |
 | `{ckpt}` | random OpenAI-layout CLIP made by `open_clip.model.CLIP` (vision 64 wide / 1 head, text 32 / 1, embed 32), fp16 state dict |
+| `openclip_dir/open_clip_config.json`, `openclip_dir.npz` | an OpenCLIP model directory's config for the same weights (no `quick_gelu`: exact GELU; its own mean / std) and what OpenCLIP gives loading it with `local-dir:` (pooled embeddings of the zero-shot photos and the captions) |
 | `model.npz` | that model's fp32 outputs: `image_pooled` / `image_tokens` (rows in `manifest.json` `image_keys`), `text_ids` / `text_lengths` / `text_pooled` / `text_tokens` (rows: `captions` then `deviation_captions`), `zeroshot_classifier` / `zeroshot_cosines` / `zeroshot_top1` |
 | `manifest.json` | versions, per-input mode / size / format / sha256 / warnings, captions, templates, class names, measured figures |
 
