@@ -7,7 +7,7 @@ preprocessed pixels, and end to end they get the image files.
 
 Gates: preprocessing is exact (the uint8 pixels OpenCLIP's float output was made from are
 equal; normalised max |d| <= 1e-6) for every input except the engine's documented deviations
-(16-bit samples ``>> 8``; EXIF orientation applied), which have their own tests; embeddings
+(16-bit samples ``>> 8``; EXIF orientation applied; PA read as RGBA), which have their own tests; embeddings
 reach cosine >= 0.9999 per pooled row and per token; tokenizer ids are equal.
 Run with ``-s`` to see the measured figures of every case.
 """
