@@ -20,7 +20,10 @@ GOLDENS = Path(__file__).parent / "goldens"
 MANIFEST = json.loads((GOLDENS / "manifest.json").read_text())
 MODEL = np.load(GOLDENS / "model.npz")
 ROW = {key: i for i, key in enumerate(MANIFEST["image_keys"])}
-EXACT = [e for e in MANIFEST["inputs"] if e["group"] != "deviation" and e["id"] in ROW]
+# every input, each against OpenCLIP's output for it (for a documented deviation: OpenCLIP's
+# output after the engine's reading of the file, e.g. PA as RGBA)
+EXACT = [e for e in MANIFEST["inputs"] if e["id"] in ROW]
+KEY = {e["id"]: e["deviation"]["key"] if "deviation" in e else e["id"] for e in EXACT}
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +57,7 @@ def test_served_image_embeddings_equal_openclip_in_every_mode(client, as_pil):
         path = GOLDENS / e["file"]
         item = Image.open(path) if as_pil else path
         got = client.embed_images([item])
-        row = ROW[e["id"]]
+        row = ROW[KEY[e["id"]]]
         tok = min_token_cosine(got.tokens[0], MODEL["image_tokens"][row])
         pooled = min_token_cosine(got.pooled, MODEL["image_pooled"][row:row + 1])
         worst.append((min(tok, pooled), e["id"], e["mode"]))
@@ -91,7 +94,7 @@ def test_served_text_embeddings_equal_openclip(client):
 def test_served_global_score_and_search(client, tmp_path):
     """score(scoring="global") is the cosine of OpenCLIP's embeddings; a gallery indexed through
     the server and searched globally ranks as the brute-force cosine of OpenCLIP's embeddings."""
-    photos = [e for e in EXACT if e["group"] == "photo"][:6]
+    photos = [e for e in EXACT if e["group"] == "photo" and "deviation" not in e][:6]
     images = client.embed_images([GOLDENS / e["file"] for e in photos])
     caps = [0, 6]                                        # two of the golden captions
     texts = client.embed_texts([MANIFEST["captions"][i] for i in caps])
