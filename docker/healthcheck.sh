@@ -1,3 +1,5 @@
 #!/usr/bin/env bash
-# Docker HEALTHCHECK: healthy once Triton reports every model ready (KServe v2 over HTTP).
-exec curl -fsS -o /dev/null --max-time 5 "http://127.0.0.1:${FILIP_HTTP_PORT:-8000}/v2/health/ready"
+# Docker HEALTHCHECK: healthy when Triton is ready AND one tiny request to each model answers
+# (python -m filip_client.health --deep, over gRPC).  /v2/health/ready alone stays 200 while a
+# Python-backend stub is dead.
+exec "${PYTHON:-python3}" -m filip_client.health --url "127.0.0.1:${FILIP_GRPC_PORT:-8001}" --deep --timeout "${FILIP_HEALTH_TIMEOUT:-15}"

@@ -135,3 +135,38 @@ def tower_spec(cfg: FilipConfig, tower: str, max_batch: int = 1024) -> TowerSpec
     if tower == "text":
         return text_spec(cfg, max_batch)
     raise ValueError(f"unknown tower {tower!r}")
+
+
+# --- Triton's view of a tower tensor -------------------------------------------------------------
+# A tensorrt_plan model declares each tensor without its batch axis.  A tensor that is only
+# [batch] in the engine (the text tower's ``lengths``) has no dims left: Triton's documented
+# form is ``dims: [1]`` with ``reshape: { shape: [] }``, and Triton then expects requests to
+# send it as [batch, 1] (the declared dims), reshaping it to [batch] for the engine.  The config
+# generator (filip_export.triton_repo) and the BLS caller (filip_engine.runtime.TritonModelRuntime)
+# both use these two functions, so what is sent is what is declared.
+def triton_dims(t: TensorSpec) -> tuple[list[int], list[int] | None]:
+    """(dims, reshape) of ``t`` in a batched Triton config: dims without the batch axis, -1
+    for a dynamic one; reshape is ``[]`` for a [batch]-only tensor (dims [1]) and None otherwise."""
+    dims = [d if isinstance(d, int) else -1 for d in t.shape[1:]]
+    if dims:
+        return dims, None
+    return [1], []
+
+
+def as_triton_input(t: TensorSpec, a: np.ndarray) -> np.ndarray:
+    """``a`` (shaped as the tower takes it, [batch, ...]) shaped as the Triton config declares
+    it: [batch] -> [batch, 1] where :func:`triton_dims` declares dims [1] reshaped to []."""
+    a = np.ascontiguousarray(a)
+    _, reshape = triton_dims(t)
+    if reshape is not None and a.ndim == 1:
+        return a.reshape(-1, 1)
+    return a
+
+
+def from_triton_output(t: TensorSpec, a: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`as_triton_input` for an output (a [batch, 1] answer of a
+    [batch]-only tensor back to [batch])."""
+    _, reshape = triton_dims(t)
+    if reshape is not None and a.ndim == 2 and a.shape[1] == 1:
+        return a.reshape(-1)
+    return a

@@ -254,3 +254,59 @@ class MaxSimKernel:
         if self.int8:
             feeds["S"] = np.ascontiguousarray(scales)[:, :, None]
         return self.session.run(["S_T"], feeds)[0].T
+
+
+class TorchMaxSimKernel:
+    """:class:`MaxSimKernel` on torch, for a GPU (or the CPU, which the tests use to run the
+    same code path): stored tokens (fp16, or int8 with per-token scales) are cast to fp32 on
+    the device, one fp32 GEMM against all queries' real tokens (TF32 off: fp32 accumulation
+    as on the CPU), max over patches, the per-query mean as a product with the averaging
+    matrix.  Same call as :class:`MaxSimKernel`: ``(tokens, scales, q) -> s_T [nq, c]``.
+
+    Residency: with ``resident_bytes`` > 0, chunks called with a ``key`` (the exact scan's
+    (segment, start) of a stored chunk) stay on the device, as stored, until that many bytes
+    are held; later scans then read the gallery from device memory instead of the host.
+    Re-rank gathers (no key) are uploaded per call."""
+
+    def __init__(self, token_dtype: str, tokens: int, dim: int, device: str = "cuda", resident_bytes: int = 0):
+        import torch
+        if token_dtype not in ("float16", "int8"):
+            raise InvalidInputError(f"gallery tokens must be float16 or int8, got {token_dtype!r}")
+        self.torch, self.device = torch, torch.device(device)
+        self.int8 = token_dtype == "int8"
+        self.resident_bytes, self.held_bytes = int(resident_bytes), 0
+        self._resident: dict = {}
+        self.name = f"torch-{self.device.type}"
+
+    def _upload(self, tokens: np.ndarray, scales: np.ndarray | None, key):
+        if key is not None and key in self._resident:
+            return self._resident[key]
+        t = self.torch
+        x = t.from_numpy(np.ascontiguousarray(tokens)).to(self.device)
+        s = None if scales is None else t.from_numpy(np.ascontiguousarray(scales, dtype=np.float32)).to(self.device)
+        nbytes = tokens.nbytes + (0 if scales is None else scales.size * 4)
+        if key is not None and self.held_bytes + nbytes <= self.resident_bytes:
+            self._resident[key] = (x, s)
+            self.held_bytes += nbytes
+        return x, s
+
+    def __call__(self, tokens: np.ndarray, scales: np.ndarray | None, q: Queries, *, key=None) -> np.ndarray:
+        t = self.torch
+        x, s = self._upload(tokens, scales if self.int8 else None, key)
+        qt = t.from_numpy(q.tokens_t).to(self.device)                   # [D, L]
+        avg = t.from_numpy(q.average).to(self.device)                    # [L, nq]
+        prev = t.backends.cuda.matmul.allow_tf32
+        t.backends.cuda.matmul.allow_tf32 = False
+        try:
+            with t.inference_mode():
+                sims = t.matmul(x.float(), qt)                           # [c, P, L]
+                if s is not None:
+                    sims.mul_(s.reshape(s.shape[0], s.shape[1], 1))
+                out = sims.amax(dim=1) @ avg                             # [c, nq]
+        finally:
+            t.backends.cuda.matmul.allow_tf32 = prev
+        return out.T.float().cpu().numpy()
+
+    def release(self) -> None:
+        self._resident.clear()
+        self.held_bytes = 0

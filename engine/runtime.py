@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import ExportError
-from .io_spec import TowerSpec
+from .io_spec import TowerSpec, as_triton_input, from_triton_output
 
 if TYPE_CHECKING:     # torch is imported only by the runtimes that use it (a served ONNX Runtime model never does)
     import torch
@@ -117,37 +117,133 @@ _TRT_TO_TORCH = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT
                  "INT64": "int64", "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
 
 
+_TRT_TO_NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64,
+                 "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}
+
+
+def _torch_cuda():
+    """torch, when it is a CUDA build that sees a GPU; else None (the image's torch is a CPU build)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    try:
+        return torch if torch.cuda.is_available() else None
+    except Exception:   # noqa: BLE001
+        return None
+
+
+class CudaRt:
+    """The few CUDA runtime calls a TensorRT engine needs (device memory, copies, a stream),
+    through ctypes on ``libcudart.so.12`` (in every CUDA 12 container, e.g. Triton's 24.12
+    image, and in the ``nvidia-cuda-runtime-cu12`` wheel): TensorRTRuntime without torch."""
+    H2D, D2H = 1, 2
+
+    def __init__(self, device: int = 0):
+        import ctypes
+        import ctypes.util
+        self.ct = ctypes
+        names = ["libcudart.so.12", "libcudart.so", ctypes.util.find_library("cudart")]
+        try:
+            import nvidia.cuda_runtime   # the pip wheel's copy, when that is the one installed
+            names.insert(0, str(Path(list(nvidia.cuda_runtime.__path__)[0]) / "lib" / "libcudart.so.12"))
+        except ImportError:
+            pass
+        self.lib = None
+        for n in filter(None, names):
+            try:
+                self.lib = ctypes.CDLL(n)
+                break
+            except OSError:
+                continue
+        if self.lib is None:
+            raise ExportError("neither a CUDA build of torch nor libcudart.so.12 is available; cannot run a TensorRT engine")
+        self.lib.cudaMalloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t]
+        self.lib.cudaFree.argtypes = [ctypes.c_void_p]
+        self.lib.cudaMemcpyAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+        self.lib.cudaStreamCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+        self.lib.cudaStreamSynchronize.argtypes = [ctypes.c_void_p]
+        self.lib.cudaStreamDestroy.argtypes = [ctypes.c_void_p]
+        self.lib.cudaSetDevice.argtypes = [ctypes.c_int]
+        self.device = device
+        self._check(self.lib.cudaSetDevice(device), "cudaSetDevice")
+        stream = ctypes.c_void_p()
+        self._check(self.lib.cudaStreamCreate(ctypes.byref(stream)), "cudaStreamCreate")
+        self.stream = stream
+
+    def _check(self, code: int, what: str) -> None:
+        if code != 0:
+            raise ExportError(f"CUDA runtime: {what} failed with error {code}")
+
+    def malloc(self, nbytes: int) -> int:
+        p = self.ct.c_void_p()
+        self._check(self.lib.cudaMalloc(self.ct.byref(p), max(int(nbytes), 1)), "cudaMalloc")
+        return int(p.value)
+
+    def free(self, ptr: int) -> None:
+        self.lib.cudaFree(self.ct.c_void_p(ptr))
+
+    def upload(self, ptr: int, a: np.ndarray) -> None:
+        self._check(self.lib.cudaMemcpyAsync(self.ct.c_void_p(ptr), a.ctypes.data, a.nbytes, self.H2D, self.stream),
+                    "cudaMemcpyAsync (host to device)")
+
+    def download(self, a: np.ndarray, ptr: int) -> None:
+        self._check(self.lib.cudaMemcpyAsync(a.ctypes.data, self.ct.c_void_p(ptr), a.nbytes, self.D2H, self.stream),
+                    "cudaMemcpyAsync (device to host)")
+
+    def synchronize(self) -> None:
+        self._check(self.lib.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.lib.cudaStreamDestroy(self.stream)
+            self.stream = None
+
+
 class TensorRTRuntime(Runtime):
     """A serialized TensorRT engine (``.plan``) on one CUDA device, TensorRT 10+ API: named I/O
     tensors, ``set_input_shape``/``set_tensor_address`` and ``execute_async_v3`` on a private
-    stream, with torch CUDA tensors as the device buffers.  Inputs are cast to the engine's
-    I/O dtypes (e.g. int64 ids -> int32 if the engine declares int32); outputs come back as
-    float32 numpy arrays like the other runtimes."""
+    stream.  Device buffers are torch CUDA tensors when torch is a CUDA build that sees the GPU,
+    else raw CUDA runtime allocations (:class:`CudaRt`; the image's torch is a CPU build).
+    Inputs are cast to the engine's I/O dtypes (e.g. int64 ids -> int32 if the engine declares
+    int32); outputs come back as float32 numpy arrays like the other runtimes."""
 
-    def __init__(self, path: str | Path, spec: TowerSpec, *, device: "int | str | torch.device" = 0):
-        import torch
-
+    def __init__(self, path: str | Path, spec: TowerSpec, *, device: "int | str | torch.device" = 0,
+                 backend: str = "auto"):
+        from .gpu import cuda_visible, import_tensorrt
         try:
-            import tensorrt as trt
+            trt = import_tensorrt()
         except ImportError as e:
             raise ExportError(f"TensorRT is not installed ({e}); cannot run {path}") from e
-        if not torch.cuda.is_available():
+        torch = _torch_cuda() if backend in ("auto", "torch") else None
+        if backend == "torch" and torch is None:
+            raise ExportError("backend='torch' needs a CUDA build of torch that sees a GPU")
+        if torch is None and not cuda_visible():
             raise ExportError(f"no CUDA device is visible; cannot run the TensorRT engine {path}")
         path = Path(path)
         if not path.is_file():
             raise ExportError(f"TensorRT plan not found: {path}")
-        self.device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
         self.spec = spec
         self._trt = trt
+        self._torch = torch
         self._logger = trt.Logger(trt.Logger.WARNING)
-        with torch.cuda.device(self.device):
+        if torch is not None:
+            self.device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+            self._cuda = None
+            ctx = torch.cuda.device(self.device)
+        else:
+            import contextlib
+            self.device = int(device) if isinstance(device, int) else int(str(device).rpartition(":")[2] or 0)
+            self._cuda = CudaRt(self.device)
+            ctx = contextlib.nullcontext()
+        with ctx:
             self._runtime = trt.Runtime(self._logger)
             self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
             if self.engine is None:
                 raise ExportError(f"TensorRT {trt.__version__} cannot deserialize {path}: a plan only loads with the "
                                   "TensorRT version and GPU architecture it was built for (see its .json sidecar)")
             self.context = self.engine.create_execution_context()
-            self.stream = torch.cuda.Stream(self.device)
+            self.stream = torch.cuda.Stream(self.device) if torch is not None else None
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         got_in = [n for n in names if is_input[n]]
@@ -155,12 +251,15 @@ class TensorRTRuntime(Runtime):
         if sorted(got_in) != sorted(spec.input_names) or sorted(got_out) != sorted(spec.output_names):
             raise ExportError(f"{path}: engine I/O {got_in} -> {got_out} does not match the {spec.name} "
                               f"tower's declared {spec.input_names} -> {spec.output_names}")
-        self.dtypes = {n: getattr(torch, _TRT_TO_TORCH[self.engine.get_tensor_dtype(n).name]) for n in names}
+        kinds = {n: self.engine.get_tensor_dtype(n).name for n in names}
+        self.np_dtypes = {n: _TRT_TO_NUMPY[k] for n, k in kinds.items()}
+        self.dtypes = {n: getattr(torch, _TRT_TO_TORCH[k]) for n, k in kinds.items()} if torch is not None else None
         self.name = f"tensorrt-{trt.__version__}"
 
     def _infer(self, feeds):
-        import torch
-
+        if self._torch is None:
+            return self._infer_cudart(feeds)
+        torch = self._torch
         with torch.cuda.device(self.device), torch.inference_mode():
             inputs = {}
             for n in self.spec.input_names:
@@ -184,10 +283,46 @@ class TensorRTRuntime(Runtime):
             self.stream.synchronize()
             return {n: o.float().cpu().numpy() for n, o in outputs.items()}
 
+    def _infer_cudart(self, feeds):
+        cuda, owned = self._cuda, []
+        try:
+            hosts = {}
+            for n in self.spec.input_names:
+                a = np.ascontiguousarray(feeds[n], dtype=self.np_dtypes[n])
+                hosts[n] = a
+                ptr = cuda.malloc(a.nbytes)
+                owned.append(ptr)
+                cuda.upload(ptr, a)
+                if not self.context.set_input_shape(n, tuple(a.shape)):
+                    raise ExportError(f"TensorRT rejected {self.spec.name}.{n} of shape {tuple(a.shape)} "
+                                      "(outside the engine's optimisation profile)")
+                self.context.set_tensor_address(n, ptr)
+            outputs = {}
+            for n in self.spec.output_names:
+                shape = tuple(self.context.get_tensor_shape(n))
+                if any(d < 0 for d in shape):
+                    raise ExportError(f"TensorRT could not infer the shape of {self.spec.name}.{n}: {shape}")
+                outputs[n] = np.empty(shape, self.np_dtypes[n])
+                ptr = cuda.malloc(outputs[n].nbytes)
+                owned.append(ptr)
+                self.context.set_tensor_address(n, ptr)
+            if not self.context.execute_async_v3(cuda.stream.value or 0):
+                raise ExportError(f"TensorRT execution of the {self.spec.name} tower failed")
+            for n, ptr in zip(self.spec.output_names, owned[len(self.spec.input_names):]):
+                cuda.download(outputs[n], ptr)
+            cuda.synchronize()
+            return {n: o.astype(np.float32, copy=False) for n, o in outputs.items()}
+        finally:
+            for ptr in owned:
+                cuda.free(ptr)
+
     def close(self) -> None:
         self.context = None
         self.engine = None
         self._runtime = None
+        if getattr(self, "_cuda", None) is not None:
+            self._cuda.close()
+            self._cuda = None
 
 
 class TritonModelRuntime(Runtime):
@@ -204,7 +339,8 @@ class TritonModelRuntime(Runtime):
 
     def _infer(self, feeds):
         pb = self.pb
-        inputs = [pb.Tensor(n, np.ascontiguousarray(feeds[n])) for n in self.spec.input_names]
+        # shaped as the plan model's config declares them (a [batch] tensor as [batch, 1]: io_spec.triton_dims)
+        inputs = [pb.Tensor(t.name, as_triton_input(t, feeds[t.name])) for t in self.spec.inputs]
         kwargs = dict(model_name=self.model_name, inputs=inputs, requested_output_names=self.spec.output_names)
         if hasattr(pb, "PreferredMemory"):   # ask for outputs in CPU memory (r23.x+ stubs)
             kwargs["preferred_memory"] = pb.PreferredMemory(pb.TRITONSERVER_MEMORY_CPU, 0)
@@ -212,13 +348,15 @@ class TritonModelRuntime(Runtime):
         if response.has_error():
             raise ExportError(f"{self.model_name}: {response.error().message()}")
         out = {}
-        for n in self.spec.output_names:
+        for spec in self.spec.outputs:
+            n = spec.name
             t = pb.get_output_tensor_by_name(response, n)
             if t.is_cpu():
-                out[n] = np.asarray(t.as_numpy(), dtype=np.float32)
+                a = np.asarray(t.as_numpy(), dtype=np.float32)
             else:   # a GPU tensor (an old stub ignored preferred_memory)
                 import torch
-                out[n] = torch.from_dlpack(t.to_dlpack()).float().cpu().numpy()
+                a = torch.from_dlpack(t.to_dlpack()).float().cpu().numpy()
+            out[n] = from_triton_output(spec, a)
         return out
 
 

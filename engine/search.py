@@ -46,7 +46,7 @@ from filip_contract.limits import (DEFAULT_CANDIDATES, DEFAULT_K, DEFAULT_MODE, 
 from filip_contract.scoring import DEFAULT_PARAM as SCORING_PARAM, SCORINGS, normalise
 
 from .errors import FilipError, GalleryError, InvalidInputError
-from .maxsim import MaxSimKernel, Queries
+from .maxsim import MaxSimKernel, Queries, TorchMaxSimKernel
 from .serving import decode_texts, utf8
 
 CHUNK_IMAGES = 200                # ~5 MB of fp16 B/32 tokens per kernel call (measured best: 100-200)
@@ -58,8 +58,12 @@ def exact_scores(gallery: Gallery, q: Queries, *, kernel: MaxSimKernel | None = 
     """s_T of every gallery item for every query -> fp32 [nq, N] (the whole gallery streamed once)."""
     kernel = kernel or MaxSimKernel(gallery.token_dtype, gallery.tokens_per_item, gallery.dim)
     out = np.empty((q.n, gallery.count), np.float32)
+    resident = getattr(kernel, "resident_bytes", 0) > 0      # a torch kernel keeping stored chunks on the device
     for row, seg, a, b in gallery.chunks(chunk_images):
-        out[:, row:row + b - a] = kernel(*seg.raw(a, b), q)
+        if resident:
+            out[:, row:row + b - a] = kernel(*seg.raw(a, b), q, key=(id(seg), a, b))
+        else:
+            out[:, row:row + b - a] = kernel(*seg.raw(a, b), q)
     return out
 
 
@@ -177,9 +181,24 @@ class Searcher:
     """A gallery with its first stages, ready to answer queries."""
 
     def __init__(self, gallery: Gallery, stage: CandidateStage | None = None, *, threads: int | None = None,
-                 first_stage: str = "auto"):
+                 first_stage: str = "auto", device: str | None = None, resident_bytes: int | None = None):
+        """``device`` None: token scoring on the ONNX Runtime kernel (CPU); "cuda" (or "cpu", the
+        same torch code path): :class:`~filip_engine.maxsim.TorchMaxSimKernel` there, the
+        gallery's tokens kept in device memory when they fit (``resident_bytes``; default on
+        CUDA: up to half the device's free memory, on the CPU: none)."""
         self.gallery = gallery
-        self.kernel = MaxSimKernel(gallery.token_dtype, gallery.tokens_per_item or 1, gallery.dim or 1, threads)
+        self.device = device
+        if device is None:
+            self.kernel = MaxSimKernel(gallery.token_dtype, gallery.tokens_per_item or 1, gallery.dim or 1, threads)
+        else:
+            if resident_bytes is None:
+                resident_bytes = 0
+                if str(device).startswith("cuda"):
+                    import torch
+                    free, _ = torch.cuda.mem_get_info(torch.device(device))
+                    resident_bytes = free // 2
+            self.kernel = TorchMaxSimKernel(gallery.token_dtype, gallery.tokens_per_item or 1, gallery.dim or 1,
+                                            device, resident_bytes)
         t = time.perf_counter()
         self.stage = stage if stage is not None else CentroidStage(gallery, first_stage)
         self.stage_build_ms = (time.perf_counter() - t) * 1e3
@@ -326,6 +345,13 @@ class SearchEndpoint:
         self.load = params.get("gallery_load", "auto")
         self.first_stage = params.get("first_stage", "auto")        # auto | flat | ivf | qdrant
         self.qdrant_url = params.get("qdrant_url", "")
+        # token scoring: "auto" = CUDA (torch) when torch is a CUDA build that sees a GPU, else
+        # the ONNX Runtime kernel on the CPU; "onnxruntime", "cuda" or "cpu" (torch) explicitly
+        wanted = params.get("search_device", "auto") or "auto"
+        if wanted == "auto":
+            from .serving import _cuda_visible
+            wanted = "cuda" if _cuda_visible() else "onnxruntime"
+        self.device = None if wanted == "onnxruntime" else wanted
         self.qdrant_collection = params.get("qdrant_collection", "")
         if self.first_stage not in ("auto", "flat", "ivf", "qdrant") or (self.first_stage == "qdrant" and not self.qdrant_url):
             raise GalleryError(f"first_stage must be auto, flat, ivf or qdrant (with qdrant_url), got {self.first_stage!r}")
@@ -348,7 +374,8 @@ class SearchEndpoint:
             # engine.qdrant_store.QdrantStage.build (docs/DEPLOYMENT.md); checked against this gallery
             from .qdrant_store import QdrantStage, connect
             stage = QdrantStage(connect(url=self.qdrant_url), self.qdrant_collection or name, gallery)
-        searcher = Searcher(gallery, stage, first_stage="auto" if self.first_stage == "qdrant" else self.first_stage)
+        searcher = Searcher(gallery, stage, first_stage="auto" if self.first_stage == "qdrant" else self.first_stage,
+                            device=self.device)
         self.searcher, self.name, self.load_error = searcher, name, None
         return {**searcher.gallery.info(), "name": name, "load_ms": round(_ms(t), 1)}
 

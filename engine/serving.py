@@ -273,13 +273,19 @@ class ImageEndpoint:
 
 
 def _cuda_visible() -> bool:
+    """Whether the scorer can run on CUDA: a GPU the driver reports (NVML, no torch needed) and
+    a CUDA build of torch that sees it.  torch is imported only where an NVIDIA driver is
+    present; the image's CPU torch (docs/GPU.md) answers False, and the scorer stays on the CPU."""
     if not Path("/dev/nvidiactl").exists():
+        return False
+    from .gpu import cuda_visible
+    if not cuda_visible():
         return False
     try:
         import torch
-    except ImportError:
+        return torch.version.cuda is not None and torch.cuda.is_available()
+    except Exception:    # noqa: BLE001 - an unusable torch: the scorer runs on the CPU
         return False
-    return torch.cuda.is_available()
 
 
 class ScoreEndpoint:

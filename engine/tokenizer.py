@@ -52,7 +52,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
-import ftfy
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
@@ -97,7 +96,10 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def clean_text(text: str) -> str:
-    """CLIP's ``basic_clean`` + ``whitespace_clean`` + ``lower``."""
+    """CLIP's ``basic_clean`` + ``whitespace_clean`` + ``lower``.  ftfy (a dependency of the
+    engine) is imported here, on first use, so that tools which never tokenise (the GPU check
+    on a bare torch + CUDA machine) import the engine without it."""
+    import ftfy
     text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip().lower()

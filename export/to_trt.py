@@ -59,12 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def tensorrt_available() -> tuple[bool, str]:
     """Whether a TensorRT build can run here, and if not, why."""
+    from filip_engine.gpu import import_tensorrt
     try:
-        import tensorrt  # noqa: F401
+        import_tensorrt()
     except ImportError:
         return False, "the tensorrt Python package is not installed"
-    import torch
-    if not torch.cuda.is_available():
+    from filip_engine.gpu import cuda_visible
+    if not cuda_visible():       # the driver's NVML, not torch (the image's torch is a CPU build)
         return False, "no NVIDIA GPU is visible"
     return True, ""
 

@@ -24,6 +24,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
@@ -31,7 +32,7 @@ from filip_contract import models as M
 from filip_contract.limits import ServingLimits
 from filip_contract.scoring import DEFAULT_PARAM as SCORING_PARAM, check_scoring
 from filip_engine.config import FilipConfig
-from filip_engine.io_spec import TensorSpec, TowerSpec, tower_spec
+from filip_engine.io_spec import TensorSpec, TowerSpec, tower_spec, triton_dims
 
 MODELS = tuple(M.MODELS)
 
@@ -168,18 +169,59 @@ class TensorRTPlans:
 
 
 def _trt_tensor(io, t: TensorSpec) -> None:
-    """A tensor of an io_spec TowerSpec as a batched tensorrt_plan config entry."""
-    dims = [d if isinstance(d, int) else -1 for d in t.shape[1:]]
+    """A tensor of an io_spec TowerSpec as a batched tensorrt_plan config entry
+    (:func:`filip_engine.io_spec.triton_dims`: a [batch]-only tensor is dims [1] reshaped to [],
+    sent by the front ends as [batch, 1] through :func:`filip_engine.io_spec.as_triton_input`)."""
+    dims, reshape = triton_dims(t)
     entry = io.add(name=t.name, data_type=_NUMPY_TYPES[t.dtype])
-    if dims:
-        entry.dims.extend(dims)
-    else:   # [batch] in the engine: Triton's documented form is dims [1] reshaped to []
-        entry.dims.append(1)
+    entry.dims.extend(dims)
+    if reshape is not None:
+        entry.reshape.shape.extend(reshape)
         entry.reshape.SetInParent()
 
 
+# Warm-up of a tensorrt_plan model (Triton runs it at load, before the model is ready, so the
+# first request does not pay for the engine's first execution).  The plan models warm up
+# themselves; the front ends forwarding to them have no warm-up (a warm-up that BLS-calls
+# another model during load is answered "Server not ready" and fails the load).  Text: one row
+# of TRT_WARMUP_SEQ zero ids (id 0 is a real BPE token) with lengths = TRT_WARMUP_LENGTH (>= 2:
+# SOT..EOT; a zero length would index before the first token).
+TRT_WARMUP_SEQ = 16
+TRT_WARMUP_LENGTH = 2
+
+
+def _fixed_dims(t: TensorSpec, seq: int) -> list[int]:
+    dims, _ = triton_dims(t)
+    return [seq if d == -1 else d for d in dims]
+
+
+def warmup_files(spec: TowerSpec, context_length: int) -> dict[str, bytes]:
+    """Raw little-endian contents of the plan model's warm-up inputs that are not zeros, by
+    file name in ``<model>/warmup/`` (row-major, one batch row)."""
+    out = {}
+    for t in spec.inputs:
+        if t.name == "lengths":
+            n = int(np.prod(_fixed_dims(t, min(TRT_WARMUP_SEQ, context_length))))
+            out[f"{t.name}.bin"] = np.full(n, TRT_WARMUP_LENGTH, np.dtype(t.dtype).newbyteorder("<")).tobytes()
+    return out
+
+
+def _trt_warmup(c: mc.ModelConfig, spec: TowerSpec, context_length: int) -> None:
+    seq = min(TRT_WARMUP_SEQ, context_length)
+    files = warmup_files(spec, context_length)
+    w = c.model_warmup.add(name="warmup", batch_size=1)
+    for t in spec.inputs:
+        inp = w.inputs[t.name]
+        inp.data_type = _NUMPY_TYPES[t.dtype]
+        inp.dims.extend(_fixed_dims(t, seq))
+        if f"{t.name}.bin" in files:
+            inp.input_data_file = f"{t.name}.bin"
+        else:
+            inp.zero_data = True
+
+
 def tensorrt_config(name: str, spec: TowerSpec, s: RepoSettings, files: dict, default: str,
-                    instances: int = 1) -> mc.ModelConfig:
+                    instances: int = 1, context_length: int = 77) -> mc.ModelConfig:
     """Config of a tensorrt_plan model: one plan per GPU architecture through
     ``cc_model_filenames``, dynamic batching like the front ends, instances on the GPU."""
     c = mc.ModelConfig(name=name, platform="tensorrt_plan", max_batch_size=s.max_batch, default_model_filename=default)
@@ -191,20 +233,24 @@ def tensorrt_config(name: str, spec: TowerSpec, s: RepoSettings, files: dict, de
     for t in spec.outputs:
         _trt_tensor(c.output, t)
     c.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_GPU)
+    _trt_warmup(c, spec, context_length)
     return c
 
 
 def tensorrt_configs(cfg: FilipConfig, s: RepoSettings, plans: TensorRTPlans,
                      configs: dict[str, mc.ModelConfig]) -> dict[str, mc.ModelConfig]:
     """The tensorrt_plan models' configs, and copies of the front ends' configs with a
-    ``trt_model`` parameter naming the model they forward to (``configs`` is not touched)."""
+    ``trt_model`` parameter naming the model they forward to and no warm-up of their own
+    (the plan models warm up; ``configs`` is not touched)."""
     out = {}
     for tower, model in TRT_MODELS.items():
         front = mc.ModelConfig()
         front.CopyFrom(configs[f"filip_{tower}"])
         front.parameters["trt_model"].string_value = model
+        del front.model_warmup[:]
         out[front.name] = front
-        out[model] = tensorrt_config(model, tower_spec(cfg, tower, s.max_batch), s, plans.files[tower], plans.default[tower])
+        out[model] = tensorrt_config(model, tower_spec(cfg, tower, s.max_batch), s, plans.files[tower], plans.default[tower],
+                                     context_length=cfg.text.context_length)
     return out
 
 
@@ -230,6 +276,13 @@ def write_repository(out: Path, cfg: FilipConfig, *, logit_scale: float, default
         (Path(out) / name / "config.pbtxt").write_text(config_text(config))
         written.append(Path(out) / name)
         if name in TRT_MODELS.values():   # platform tensorrt_plan: the plan is the model, no adapter
+            tower = next(t for t, m in TRT_MODELS.items() if m == name)
+            files = warmup_files(tower_spec(cfg, tower, settings.max_batch), cfg.text.context_length)
+            if files:
+                warm = Path(out) / name / "warmup"
+                warm.mkdir(exist_ok=True)
+                for f, data in files.items():
+                    (warm / f).write_bytes(data)
             continue
         if any(i.input_data_file for w in config.model_warmup for i in w.inputs.values()):
             warm = Path(out) / name / "warmup"

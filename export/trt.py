@@ -19,10 +19,12 @@ LayerNormalization/Softmax kept in fp32) that this exporter does not write.
 Command line (used by docker/entrypoint.sh)::
 
     python -m filip_export.trt check REPO [--precision P] [--max-batch N] [--checkpoint F]
+    python -m filip_export.trt missing REPO [...]
 
-exits 0 when every tower's plan in REPO matches this GPU's compute capability and this
-TensorRT version (per its JSON sidecar), 3 when the engines must be (re)built, 2 when no
-CUDA GPU or no TensorRT is available.
+``check`` exits 0 when every tower's plan in REPO matches the compute capability of every
+visible GPU architecture and this TensorRT version (per its JSON sidecar), 3 when engines must
+be (re)built, 2 when no NVIDIA GPU (NVML / nvidia-smi, not torch) or no TensorRT is
+available.  ``missing`` prints the UUID of one GPU per architecture that lacks its plans.
 """
 from __future__ import annotations
 
@@ -111,7 +113,9 @@ class BuildFlags:
     precision: str                         # "fp32" | "fp16"
     fp16: bool                             # BuilderFlag.FP16 (TensorRT 10.x only)
     tf32: bool                             # leave BuilderFlag.TF32 on (off for fp32: fp32 means fp32)
-    obey_precision_constraints: bool       # BuilderFlag.OBEY_PRECISION_CONSTRAINTS (10.x only)
+    obey_precision_constraints: bool       # BuilderFlag.OBEY_PRECISION_CONSTRAINTS (10.x only): a pin is a hard rule
+    prefer_precision_constraints: bool     # BuilderFlag.PREFER_PRECISION_CONSTRAINTS (10.x only): a pin wins unless
+                                           # no tactic implements it (then TensorRT warns and builds anyway)
     fp32_layer_types: tuple[str, ...]      # trt.LayerType names pinned to fp32
     strongly_typed: bool                   # TensorRT 11+: precision comes from the graph
 
@@ -123,29 +127,47 @@ def trt_major(version: str) -> int:
         raise ExportError(f"cannot read the TensorRT version {version!r}") from None
 
 
-def build_flags(precision: str, trt_version: str) -> BuildFlags:
+def build_flags(precision: str, trt_version: str, constraints: str = "prefer") -> BuildFlags:
     """What the builder must be told for ``precision`` on TensorRT ``trt_version``.
 
-    fp16 on 10.x: FP16 kernels allowed, LayerNorm/softmax/reductions pinned to fp32 and
-    OBEY_PRECISION_CONSTRAINTS so TensorRT may not override the pins.  fp32: TF32 disabled,
-    so the engine is comparable with PyTorch at cos >= 0.9999.  TensorRT < 10 is refused
-    (the runtime uses the 10.x API); fp16 on 11+ is refused (weak typing was removed).
+    fp16 on 10.x: FP16 kernels allowed, LayerNorm/softmax/reductions pinned to fp32 with
+    ``constraints`` "prefer" (the default: PREFER_PRECISION_CONSTRAINTS; TensorRT honours a
+    pin unless no tactic implements it, so a pin can never fail the build) or "obey"
+    (OBEY_PRECISION_CONSTRAINTS: a pin no tactic implements fails the build; what
+    tools/gpu_check.py --stage image tries, to decide whether "obey" is viable).  The fp16
+    numerics gates decide either way.  fp32: TF32 disabled, so the engine is comparable with
+    PyTorch at cos >= 0.9999.  TensorRT < 10 is refused (the runtime uses the 10.x API); fp16
+    on 11+ is refused (weak typing was removed).
     """
     major = trt_major(trt_version)
     if precision not in ("fp32", "fp16"):
         raise ExportError(f"precision must be fp32 or fp16, got {precision!r}")
+    if constraints not in ("prefer", "obey"):
+        raise ExportError(f"precision constraints must be prefer or obey, got {constraints!r}")
     if major < 10:
         raise ExportError(f"TensorRT {trt_version} is too old: this project needs TensorRT 10 or newer "
                           "(named I/O tensors, execute_async_v3)")
     if precision == "fp32":
         return BuildFlags("fp32", fp16=False, tf32=False, obey_precision_constraints=False,
-                          fp32_layer_types=(), strongly_typed=major >= 11)
+                          prefer_precision_constraints=False, fp32_layer_types=(), strongly_typed=major >= 11)
     if major >= 11:
         raise ExportError(f"--precision fp16 is not supported with TensorRT {trt_version}: TensorRT 11 removed "
                           "BuilderFlag.FP16 and precision constraints, and this exporter writes an fp32 ONNX graph; "
                           "use --precision fp32, or TensorRT 10.x for fp16")
-    return BuildFlags("fp16", fp16=True, tf32=False, obey_precision_constraints=True,
+    return BuildFlags("fp16", fp16=True, tf32=False, obey_precision_constraints=constraints == "obey",
+                      prefer_precision_constraints=constraints == "prefer",
                       fp32_layer_types=FP32_LAYER_TYPES, strongly_typed=False)
+
+
+def timing_cache_path(base: str | Path, compute_capability: Sequence[int], trt_version: str) -> Path:
+    """The timing cache of one GPU architecture and one TensorRT version, beside ``base``:
+    ``trt_timing.cache`` -> ``trt_timing.sm90.trt10.7.0.23.cache``.  A cache is only reused by
+    the architecture and TensorRT release that wrote it (TensorRT's ``ignore_mismatch=True``
+    would *use* a mismatched cache, so it is never set)."""
+    base = Path(base)
+    suffix = base.suffix or ".cache"
+    return base.with_name(f"{base.stem}.sm{int(compute_capability[0])}{int(compute_capability[1])}"
+                          f".trt{trt_version}{suffix}")
 
 
 # --- naming, sidecar, matching ------------------------------------------------------------
@@ -310,21 +332,27 @@ def raise_if_gates_failed(results: Sequence[CompareResult], ranking: RankingResu
 
 # --- TensorRT (lazy) ----------------------------------------------------------------------
 def import_tensorrt():
+    from filip_engine.gpu import import_tensorrt as _import
     try:
-        import tensorrt as trt
+        return _import()
     except ImportError as e:
-        raise ExportError(f"the tensorrt Python package is not installed ({e}); pip install tensorrt-cu12") from e
-    return trt
+        raise ExportError(f"the tensorrt Python package is not installed ({e}); pip install tensorrt-cu12 "
+                          "(or tensorrt-cu12-bindings against a system TensorRT, as in the image)") from e
 
 
 def detect_environment() -> dict:
-    """TensorRT version, GPU name and compute capability of CUDA device 0 (raises ExportError)."""
+    """TensorRT version, GPU name and compute capability of the first visible NVIDIA GPU, from
+    the driver (NVML / nvidia-smi: :mod:`filip_engine.gpu`), not from torch (raises ExportError).
+    NVML numbers GPUs by PCI bus; TensorRT builds on CUDA's device 0, so the entrypoint sets
+    ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` and builds with one GPU visible."""
+    from filip_engine.gpu import list_gpus
     trt = import_tensorrt()
-    import torch
-    if not torch.cuda.is_available():
-        raise ExportError("no NVIDIA GPU is visible (torch.cuda.is_available() is False)")
-    return {"tensorrt_version": trt.__version__, "gpu_name": torch.cuda.get_device_name(0),
-            "compute_capability": tuple(torch.cuda.get_device_capability(0))}
+    gpus = list_gpus()
+    if not gpus:
+        raise ExportError("no NVIDIA GPU is visible (NVML / nvidia-smi find none; start the container with --gpus all)")
+    g = gpus[0]
+    return {"tensorrt_version": trt.__version__, "gpu_name": g.name, "compute_capability": tuple(g.compute_capability),
+            "gpus": [{"uuid": x.uuid, "name": x.name, "compute_capability": cc_key(x.compute_capability)} for x in gpus]}
 
 
 def _sha256(path: Path) -> str:
@@ -359,12 +387,14 @@ def _pin_fp32(trt, network, type_names: Sequence[str]) -> int:
 
 def build_engine(onnx_path: str | Path, plan_path: str | Path, spec: TowerSpec, *, precision: str,
                  max_batch: int, timing_cache: str | Path | None = DEFAULT_TIMING_CACHE,
-                 checkpoint: Mapping | None = None, log=print) -> dict:
+                 checkpoint: Mapping | None = None, log=print, constraints: str = "prefer") -> dict:
     """Parse ``onnx_path``, build a plan for this GPU into ``plan_path`` and write its sidecar.
-    Returns the sidecar content.  Raises ExportError with the parser's/builder's messages."""
+    ``timing_cache`` is the base name of the per-architecture, per-TensorRT-version caches
+    (:func:`timing_cache_path`).  Returns the sidecar content.  Raises ExportError with the
+    parser's/builder's messages."""
     trt = import_tensorrt()
     env = detect_environment()
-    flags = build_flags(precision, trt.__version__)
+    flags = build_flags(precision, trt.__version__, constraints)
     profiles = optimisation_profile(spec, max_batch)
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     t0 = time.perf_counter()
@@ -386,18 +416,28 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, spec: TowerSpec, 
         config.set_flag(trt.BuilderFlag.FP16)
     if flags.obey_precision_constraints:
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+    if flags.prefer_precision_constraints:
+        config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
     if flags.fp32_layer_types:
         pinned = _pin_fp32(trt, network, flags.fp32_layer_types)
     profile = builder.create_optimization_profile()
     for p in profiles:
         profile.set_shape(p.name, p.min, p.opt, p.max)
     config.add_optimization_profile(profile)
-    cache_path = Path(timing_cache) if timing_cache else None
+    cache_path = timing_cache_path(timing_cache, env["compute_capability"], trt.__version__) if timing_cache else None
     cache_bytes = b""
     if cache_path is not None and cache_path.is_file():
         cache_bytes = cache_path.read_bytes()
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=True)   # a cache from another GPU/version is ignored, not fatal
+    try:
+        cache = config.create_timing_cache(cache_bytes)
+        loaded = config.set_timing_cache(cache, ignore_mismatch=False)
+    except Exception as e:       # noqa: BLE001 - a corrupt cache file: start afresh
+        log(f"      (timing cache {cache_path} unreadable: {e}; starting an empty one)")
+        loaded = False
+    if not loaded:               # written by another GPU or TensorRT (should not happen: the name says which)
+        if cache_bytes:
+            log(f"      (timing cache {cache_path} does not match this GPU / TensorRT; starting an empty one)")
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"TensorRT {trt.__version__} failed to build an engine from {onnx_path} "
@@ -478,6 +518,13 @@ def main(argv: list[str] | None = None) -> int:
     chk.add_argument("--checkpoint", type=Path, default=None, help="rebuild when this file differs from the one built")
     env = sub.add_parser("env", help="print TensorRT version, GPU name and compute capability as JSON")
     env.add_argument("--quiet", action="store_true")
+    miss = sub.add_parser("missing", help="print the UUID of one GPU per architecture that has no matching plan in REPO "
+                                          "(the entrypoint builds on each with CUDA_VISIBLE_DEVICES=UUID)")
+    for a in (miss,):
+        a.add_argument("repo", type=Path)
+        a.add_argument("--precision", choices=["fp32", "fp16"], default=None)
+        a.add_argument("--max-batch", type=int, default=None)
+        a.add_argument("--checkpoint", type=Path, default=None)
     args = p.parse_args(argv)
     try:
         found = detect_environment()
@@ -488,11 +535,30 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({**found, "compute_capability": cc_key(found["compute_capability"])}))
         return 0
     fp = checkpoint_fingerprint(args.checkpoint) if args.checkpoint and args.checkpoint.is_file() else None
-    ok, why = repository_plans_status(args.repo, trt_version=found["tensorrt_version"],
-                                      compute_capability=found["compute_capability"], precision=args.precision,
-                                      max_batch=args.max_batch, checkpoint=fp)
-    print(("ok: " if ok else "build needed: ") + why)
-    return 0 if ok else 3
+    missing = []
+    for g in _architectures(found):     # every architecture visible here, not only GPU 0's
+        ok, why = repository_plans_status(args.repo, trt_version=found["tensorrt_version"],
+                                          compute_capability=g[1], precision=args.precision,
+                                          max_batch=args.max_batch, checkpoint=fp)
+        if args.cmd == "check":
+            print(("ok: " if ok else "build needed: ") + why)
+        if not ok:
+            missing.append(g[0])
+    if args.cmd == "missing":
+        print("\n".join(missing))
+        return 0
+    return 3 if missing else 0
+
+
+def _architectures(found: Mapping) -> list[tuple[str, tuple[int, int]]]:
+    """(uuid, compute capability) of the first GPU of each architecture in ``found["gpus"]``."""
+    seen, out = set(), []
+    for g in found.get("gpus") or [{"uuid": "", "compute_capability": cc_key(found["compute_capability"])}]:
+        cc = tuple(int(x) for x in g["compute_capability"].split("."))
+        if cc not in seen:
+            seen.add(cc)
+            out.append((g["uuid"], cc))
+    return out
 
 
 if __name__ == "__main__":

@@ -59,15 +59,65 @@ def test_profile_seq_clamped_to_context_and_bad_batch():
 
 # --- builder flags ---------------------------------------------------------------------------
 def test_flags_fp16_on_trt10_pins_norm_and_softmax():
+    """D7: the pins are preferred, not obeyed (OBEY with blanket fp32 pins can leave a layer
+    without a conforming tactic and fail the build); "obey" stays available to try."""
     f = T.build_flags("fp16", "10.7.0")
-    assert f.fp16 and f.obey_precision_constraints and not f.strongly_typed
+    assert f.fp16 and f.prefer_precision_constraints and not f.obey_precision_constraints and not f.strongly_typed
     assert {"NORMALIZATION", "SOFTMAX"} <= set(f.fp32_layer_types)
+    o = T.build_flags("fp16", "10.7.0", "obey")
+    assert o.obey_precision_constraints and not o.prefer_precision_constraints
+    with pytest.raises(ExportError, match="prefer or obey"):
+        T.build_flags("fp16", "10.7.0", "sometimes")
+
+
+def test_timing_cache_per_architecture_and_tensorrt_version():
+    """D6: one cache per GPU architecture and TensorRT version (never loaded with ignore_mismatch)."""
+    base = Path("/ckpt/.filip/trt_timing.cache")
+    a = T.timing_cache_path(base, (9, 0), "10.7.0.23")
+    assert a == Path("/ckpt/.filip/trt_timing.sm90.trt10.7.0.23.cache")
+    assert len({a, T.timing_cache_path(base, (8, 0), "10.7.0.23"), T.timing_cache_path(base, (9, 0), "10.8.0.1")}) == 3
+    src = (ROOT / "export" / "trt.py").read_text()
+    assert "ignore_mismatch=True)" not in src and "PREFER_PRECISION_CONSTRAINTS" in src
+
+
+def test_gpu_detection_needs_no_torch(monkeypatch):
+    """D3: GPUs come from the driver (NVML / nvidia-smi), not torch; CUDA_VISIBLE_DEVICES is honoured."""
+    from filip_engine import gpu as G
+    smi = "0, NVIDIA H200, 9.0, GPU-aaaa\n1, NVIDIA A100-SXM4-80GB, 8.0, GPU-bbbb\n2, NVIDIA H200, 9.0, GPU-cccc\nbad line\n"
+    gpus = G.parse_nvidia_smi(smi)
+    assert [(g.index, g.sm, g.uuid) for g in gpus] == [(0, "sm90", "GPU-aaaa"), (1, "sm80", "GPU-bbbb"), (2, "sm90", "GPU-cccc")]
+    assert [g.uuid for g in G.distinct_architectures(gpus)] == ["GPU-aaaa", "GPU-bbbb"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-bbbb,2")
+    assert [g.index for g in G._visible(gpus)] == [1, 2]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert G._visible(gpus) == []
+    r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None; sys.modules['pynvml'] = None; "
+                        "import filip_engine.gpu as g, filip_export.trt, filip_engine.serving as s; "
+                        "print(g.list_gpus(), s._cuda_visible())"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[] False", r.stderr      # this machine: no GPU, no torch needed
+
+
+def test_check_every_architecture(tmp_path, monkeypatch, capsys):
+    """Plans for each GPU architecture present: `missing` names one GPU per architecture without plans."""
+    repo = _fake_repo(tmp_path)                                  # sm90 plans only
+    found = {"tensorrt_version": "10.7.0", "gpu_name": "NVIDIA H200", "compute_capability": (9, 0),
+             "gpus": [{"uuid": "GPU-a", "name": "H200", "compute_capability": "9.0"},
+                      {"uuid": "GPU-b", "name": "A100", "compute_capability": "8.0"},
+                      {"uuid": "GPU-c", "name": "A100", "compute_capability": "8.0"}]}
+    monkeypatch.setattr(T, "detect_environment", lambda: found)
+    assert T.main(["missing", str(repo)]) == 0 and capsys.readouterr().out.split() == ["GPU-b"]
+    assert T.main(["check", str(repo)]) == 3
+    assert "model.sm80.plan" in capsys.readouterr().out
+    found["gpus"] = found["gpus"][:1]
+    assert T.main(["check", str(repo)]) == 0 and capsys.readouterr().out.startswith("ok: ")
+    assert T.main(["missing", str(repo)]) == 0 and capsys.readouterr().out.strip() == ""
 
 
 @pytest.mark.parametrize("version", ["10.7.0", "10.16.1.11", "11.4.0.106"])
 def test_flags_fp32_is_plain_fp32(version):
     f = T.build_flags("fp32", version)
-    assert not f.fp16 and not f.tf32 and not f.obey_precision_constraints and f.fp32_layer_types == ()
+    assert not f.fp16 and not f.tf32 and not f.obey_precision_constraints and not f.prefer_precision_constraints
+    assert f.fp32_layer_types == ()
     assert f.strongly_typed == version.startswith("11")
 
 
@@ -195,6 +245,7 @@ def test_tensorrt_configs_only_add_to_the_cpu_configs():
         expected = mc.ModelConfig()
         expected.CopyFrom(base[front])
         expected.parameters["trt_model"].string_value = model
+        del expected.model_warmup[:]       # a front end would BLS-call the plan model during load (D1)
         assert extra[front] == expected
     assert {k: config_text(v) for k, v in base.items()} == before   # not mutated
 
@@ -275,9 +326,12 @@ def test_check_cli_without_gpu_or_tensorrt(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-def test_triton_model_runtime_with_a_fake_stub():
-    """The BLS runtime a front end would use to forward to filip_*_trt (no server needed)."""
-    from filip_engine.runtime import TritonModelRuntime
+def _fake_pb(config: mc.ModelConfig, tokens_width=None):
+    """A fake triton_python_backend_utils whose InferenceRequest checks every input against the
+    generated tensorrt_plan config as Triton does: [batch] + dims (-1 any), batch <= max_batch,
+    the declared dtype; outputs shaped as the config declares them."""
+    declared = {i.name: i for i in config.input}
+    np_types = {mc.TYPE_FP32: np.float32, mc.TYPE_INT64: np.int64}
 
     class Tensor:
         def __init__(self, name, a):
@@ -298,20 +352,78 @@ def test_triton_model_runtime_with_a_fake_stub():
 
     class Request:
         def __init__(self, model_name, inputs, requested_output_names, preferred_memory=None):
-            self.model_name, self.inputs, self.names = model_name, inputs, requested_output_names
+            assert model_name == config.name
+            self.inputs, self.names = inputs, requested_output_names
 
         def exec(self):
-            n = self.inputs[0].a.shape[0]
-            return Response({"tokens": np.ones((n, 49, 256), np.float32), "pooled": np.ones((n, 256), np.float32)})
+            got = {t.name: t.a for t in self.inputs}
+            assert set(got) == set(declared), (set(got), set(declared))
+            n = None
+            for name, a in got.items():
+                want = [-1] + list(declared[name].dims)
+                assert a.ndim == len(want) and all(w in (-1, g) for w, g in zip(want, a.shape)), \
+                    f"unexpected shape for input '{name}': expected {want}, got {list(a.shape)}"
+                assert a.dtype == np_types[declared[name].data_type], (name, a.dtype)
+                assert n in (None, a.shape[0]) and a.shape[0] <= config.max_batch_size
+                n = a.shape[0]
+            outs = {}
+            for o in config.output:
+                dims = [tokens_width if d == -1 else d for d in o.dims]
+                outs[o.name] = np.ones((n, *dims), np.float32)
+            return Response(outs)
 
     class PB:
         pass
     pb = PB()
     pb.Tensor, pb.InferenceRequest = Tensor, Request
     pb.get_output_tensor_by_name = lambda resp, name: Tensor(name, resp.outs[name])
-    rt = TritonModelRuntime("filip_image_trt", tower_spec(CFG, "image"), pb_utils=pb)
-    out = rt.infer({"pixel_values": np.zeros((3, 3, 224, 224), np.float32)})
-    assert out["tokens"].shape == (3, 49, 256) and out["pooled"].shape == (3, 256)
+    return pb
+
+
+def test_triton_model_runtime_sends_what_the_generated_configs_declare():
+    """The BLS runtime a front end uses to forward to filip_*_trt, against a fake stub that
+    validates shapes by the generated plan configs (lengths: [b] in the engine, [b, 1] on the wire)."""
+    from filip_engine.io_spec import as_triton_input, triton_dims
+    from filip_engine.runtime import TritonModelRuntime
+
+    s = RepoSettings(max_batch=8)
+    for tower, model in T.TRT_MODELS.items():
+        spec = tower_spec(CFG, tower, 8)
+        config = tensorrt_config(model, spec, s, {"9.0": "model.sm90.plan"}, "model.sm90.plan")
+        rt = TritonModelRuntime(model, spec, pb_utils=_fake_pb(config, tokens_width=7))
+        if tower == "image":
+            out = rt.infer({"pixel_values": np.zeros((3, 3, 224, 224), np.float32)})
+            assert out["tokens"].shape == (3, 49, 256) and out["pooled"].shape == (3, 256)
+        else:
+            out = rt.infer({"input_ids": np.zeros((3, 7), np.int64), "lengths": np.full(3, 2, np.int64)})
+            assert out["tokens"].shape == (3, 7, 256) and out["pooled"].shape == (3, 256)
+    lengths = tower_spec(CFG, "text").inputs[1]
+    assert triton_dims(lengths) == ([1], []) and as_triton_input(lengths, np.arange(3)).shape == (3, 1)
+    assert triton_dims(tower_spec(CFG, "text").inputs[0]) == ([-1], None)
+
+
+def test_plan_warmups_and_front_ends_without_warmup(tmp_path):
+    """D1: in TensorRT mode the plan models warm up (lengths >= 2 from a file), the front ends,
+    which would BLS-call them during load, do not; in CPU mode the front ends keep theirs."""
+    plans = TensorRTPlans(files={"text": {"9.0": "model.sm90.plan"}, "image": {"9.0": "model.sm90.plan"}},
+                          default={"text": "model.sm90.plan", "image": "model.sm90.plan"})
+    write_repository(tmp_path, CFG, logit_scale=100.0, tensorrt=plans)
+    cpu = model_configs(CFG, RepoSettings(), 100.0)
+    assert cpu["filip_text"].model_warmup and cpu["filip_image"].model_warmup
+    for name in ("filip_text", "filip_image", "filip_score", "filip_search"):
+        c = parse_config((tmp_path / name / "config.pbtxt").read_text())
+        assert not c.model_warmup or "trt_model" not in c.parameters, name
+        if "trt_model" in c.parameters:
+            assert not c.model_warmup
+    text = parse_config((tmp_path / "filip_text_trt" / "config.pbtxt").read_text())
+    w = text.model_warmup[0]
+    assert w.batch_size == 1 and w.inputs["lengths"].input_data_file == "lengths.bin"
+    assert list(w.inputs["lengths"].dims) == [1] and list(w.inputs["input_ids"].dims) == [16]
+    value = np.frombuffer((tmp_path / "filip_text_trt" / "warmup" / "lengths.bin").read_bytes(), "<i8")
+    assert value.tolist() == [2] and value.min() >= 2 and value.max() <= 16
+    image = parse_config((tmp_path / "filip_image_trt" / "config.pbtxt").read_text())
+    assert list(image.model_warmup[0].inputs["pixel_values"].dims) == [3, 224, 224]
+    assert image.model_warmup[0].inputs["pixel_values"].zero_data
 
 
 def test_gpu_check_script_skips_without_cuda():
@@ -322,9 +434,55 @@ def test_gpu_check_script_skips_without_cuda():
     assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1 and "skipped" in r.stdout, r.stdout + r.stderr
 
 
+# What a bare torch + CUDA machine lacks: the check must not need any of it.
+_BARE = ("ftfy", "open_clip", "onnxruntime", "onnx", "onnxscript", "tensorrt", "tensorrt_bindings", "tritonclient",
+         "pytriton", "PIL", "tokenizers", "faiss", "pynvml", "google")
+_RUN_BARE = ("import sys, runpy\n"
+             "class Block:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name.split('.')[0] in %r: raise ImportError('not installed on a bare machine: ' + name)\n"
+             "sys.meta_path.insert(0, Block())\n"
+             "sys.argv = ['tools/gpu_check.py'] + sys.argv[1:]\n"
+             "runpy.run_path('tools/gpu_check.py', run_name='__main__')\n") % (_BARE,)
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_on_cpu_without_the_serving_dependencies():
+    """D8: every bare stage runs (--device cpu) with no ftfy, merges file, ONNX Runtime, TensorRT,
+    tritonserver, PIL or NVML bindings importable: one line per stage, no traceback."""
+    r = subprocess.run([sys.executable, "-c", _RUN_BARE, "--device", "cpu"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "Traceback" not in out
+    for stage in ("env", "towers", "fp16 numerics margin", "scorer", "search"):
+        assert any(ln.startswith("ok   " + stage) for ln in r.stdout.splitlines()), out
+    assert "late_interaction (serving does not import here" in r.stdout      # the scorer's kernel, without PIL
+    assert "gpu_check: passed" in r.stdout
+
+
+def test_gpu_check_failures_are_one_line_each():
+    """A stage over its time bound, and the image stages without TensorRT: FAIL lines, exit 1, no traceback."""
+    r = subprocess.run([sys.executable, "tools/gpu_check.py", "--device", "cpu", "--stage-timeout", "0.3"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "Traceback" not in out, out
+    assert any(ln.startswith("FAIL towers") and "StageTimeout" in ln for ln in r.stdout.splitlines()), out
+    if _has_tensorrt():
+        return
+    r = subprocess.run([sys.executable, "tools/gpu_check.py", "--device", "cpu", "--stage", "image"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1 and "Traceback" not in out, out
+    fails = [ln for ln in r.stdout.splitlines() if ln.startswith("FAIL image: build")]
+    assert len(fails) == 2 and all("tensorrt" in ln.lower() for ln in fails), out
+    assert sum(ln.startswith("skip image: serve") for ln in r.stdout.splitlines()) == 2, out
+
+
 def test_entrypoint_scripts_are_valid_bash():
-    for script in ("docker/entrypoint.sh", "docker/healthcheck.sh"):
-        r = subprocess.run(["bash", "-n", script], cwd=ROOT, capture_output=True, text=True)
+    for script in ("docker/entrypoint.sh", "docker/healthcheck.sh", "docker/check_image.py"):
+        check = ["bash", "-n"] if script.endswith(".sh") else [sys.executable, "-m", "py_compile"]
+        r = subprocess.run([*check, script], cwd=ROOT, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         assert os.access(ROOT / script, os.X_OK), f"{script} is not executable"
 
