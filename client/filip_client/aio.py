@@ -191,6 +191,10 @@ class AsyncFilipClient:
             embed, images, gallery, ids=ids, metadata=metadata, token_dtype=token_dtype,
             commit_every=commit_every, progress=progress, server=server))
 
+    async def model_config(self, model: str) -> dict:
+        """A served model's config (Triton's JSON form, cached): inputs, outputs, parameters."""
+        return await self._config(model)
+
     async def default_scoring(self) -> str:
         """The served repository's scoring rule ("token" or "global"), used where a call names none."""
         return P.scoring_of(None, await self._config(P.SCORE_MODEL))

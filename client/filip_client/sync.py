@@ -223,6 +223,10 @@ class FilipClient:
                             images, gallery, ids=ids, metadata=metadata, token_dtype=token_dtype,
                             commit_every=commit_every, progress=progress, server=server)
 
+    def model_config(self, model: str) -> dict:
+        """A served model's config (Triton's JSON form, cached): inputs, outputs, parameters."""
+        return self._config(model)
+
     def default_scoring(self) -> str:
         """The served repository's scoring rule ("token" or "global"), used where a call names none."""
         return P.scoring_of(None, self._config(P.SCORE_MODEL))
