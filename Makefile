@@ -6,10 +6,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= build/demo
+# the trained demo model (tools/train_filip.py on tools/scenes.py); `make demo-random` serves
+# a random-weight preset instead (ViT-B-32: the model of the speed figures)
+DEMO_CKPT ?= models/filip-scenes.pt
 DEMO_PRESET ?= ViT-B-32
-DEMO_CKPT := $(DEMO_DIR)/filip-$(DEMO_PRESET).pt
+RANDOM_CKPT := $(DEMO_DIR)/filip-$(DEMO_PRESET).pt
 
-.PHONY: venv browser demo test test-fast clean perf-analyzer
+.PHONY: venv browser demo demo-random test test-fast clean perf-analyzer
 
 $(STAMP): pyproject.toml client/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,9 +41,14 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 demo: $(STAMP)
-	test -f $(DEMO_CKPT) || $(BIN)/python -m filip_engine.checkpoint init --preset $(DEMO_PRESET) --out $(DEMO_CKPT)
 	$(BIN)/python export/to_trt.py $(DEMO_CKPT) --out $(DEMO_DIR)/triton_models
-	$(BIN)/python -m tools.demo --repository $(DEMO_DIR)/triton_models --checkpoint $(DEMO_CKPT)
+	$(BIN)/python -m tools.demo --repository $(DEMO_DIR)/triton_models --checkpoint $(DEMO_CKPT) \
+	  --scenes-eval $(DEMO_DIR)/scenes
+
+demo-random: $(STAMP)
+	test -f $(RANDOM_CKPT) || $(BIN)/python -m filip_engine.checkpoint init --preset $(DEMO_PRESET) --out $(RANDOM_CKPT)
+	$(BIN)/python export/to_trt.py $(RANDOM_CKPT) --out $(DEMO_DIR)/random/triton_models
+	$(BIN)/python -m tools.demo --repository $(DEMO_DIR)/random/triton_models --checkpoint $(RANDOM_CKPT)
 
 # Triton's perf_analyzer (from the tritonclient 2.48.0 wheel) into build/perf_analyzer, for
 # python -m tools.bench --perf-analyzer; needs the network once, and nothing else depends on it

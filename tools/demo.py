@@ -13,6 +13,7 @@ that the numbers are exact.
 from __future__ import annotations
 
 import argparse
+import json
 import io
 import sys
 import time
@@ -96,7 +97,8 @@ def gallery_search(client: FilipClient, gallery: Path, photos: Path) -> None:
         raise FilipError("two-stage search with all items as candidates differs from exact search")
 
 
-def run(client: FilipClient, checkpoint: Path | None, gallery: Path | None = None) -> None:
+def run(client: FilipClient, checkpoint: Path | None, gallery: Path | None = None,
+        scenes: tuple[Path, Path] | None = None) -> None:
     images = demo_images()
     names = list(images)
     t = time.perf_counter()
@@ -141,7 +143,22 @@ def run(client: FilipClient, checkpoint: Path | None, gallery: Path | None = Non
     if gallery is not None:
         print()
         gallery_search(client, gallery, photo_folder(gallery.parent.parent / "photos"))
-    print("\n(random weights: the rankings above are meaningless; the numbers are exact)")
+    if scenes is None:
+        print("\n(with random weights the rankings above are meaningless; the numbers are exact. "
+              "make demo serves the trained models/filip-scenes.pt and measures what it learned)")
+        return
+    # what a trained checkpoint learned, on held-out scenes, through this server
+    from filip_engine.artifacts import read_manifest
+    from filip_engine.tokenizer import ClipTokenizer
+    from tools.scene_eval import evaluate, report
+    repository, out = scenes
+    cfg, _ = read_manifest(repository / "filip_text" / "1")
+    tok = ClipTokenizer.from_file(repository / "filip_text" / "1" / "tokenizer.json",
+                                  context_length=cfg.text.context_length)
+    print("\nheld-out scenes (tools/scenes.py), measured through this server:")
+    res = evaluate(client, tok, cfg.vision.grid, client=client, out=out)
+    print(report(res))
+    (out / "metrics.json").write_text(json.dumps(res, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,12 +166,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repository", type=Path, help="model repository to serve (starts and stops tritonserver)")
     p.add_argument("--url", help="use a running server instead (host:grpc_port)")
     p.add_argument("--checkpoint", type=Path, help="also compare with in-process PyTorch on this checkpoint")
+    p.add_argument("--scenes-eval", type=Path, default=None, metavar="DIR",
+                   help="with --repository: also measure a scenes-trained checkpoint (tools/scene_eval.py) "
+                        "through the server and write its word heatmaps and metrics.json to DIR")
     p.add_argument("--gallery", type=Path, default=None,
                    help="gallery folder to index the demo photos into and search (its name is what filip_search "
                         "loads from its gallery root; default with --repository: <repository>/../galleries/demo)")
     args = p.parse_args(argv)
     if (args.repository is None) == (args.url is None):
         p.error("give exactly one of --repository or --url")
+    if args.scenes_eval and args.repository is None:
+        p.error("--scenes-eval needs --repository (its tokenizer and patch grid)")
     try:
         if args.url:
             with FilipClient(args.url) as client:
@@ -163,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             with TritonServer(args.repository) as server:
                 print(f"tritonserver ready on {server.url} in {server.startup_s:.1f} s (log: {server.log})")
                 with FilipClient(server.url) as client:
-                    run(client, args.checkpoint, args.gallery or args.repository.resolve().parent / "galleries" / "demo")
+                    run(client, args.checkpoint, args.gallery or args.repository.resolve().parent / "galleries" / "demo",
+                        (args.repository, args.scenes_eval) if args.scenes_eval else None)
             print("tritonserver stopped")
     except (FilipError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
