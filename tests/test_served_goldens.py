@@ -43,9 +43,9 @@ def client(tmp_path_factory):
 
 
 def test_a_clip_checkpoint_is_served_with_global_scoring_by_default(client):
-    params = client._config("filip_score")["parameters"]
+    params = client.model_config("filip_score")["parameters"]
     assert params["default_scoring"]["string_value"] == "global"
-    assert client._config("filip_search")["parameters"]["default_scoring"]["string_value"] == "global"
+    assert client.model_config("filip_search")["parameters"]["default_scoring"]["string_value"] == "global"
 
 
 @pytest.mark.parametrize("as_pil", [False, True], ids=["file", "pil"])
