@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from filip_contract.scoring import SCORINGS, class_embeddings, cosine
+from filip_contract.scoring import check_scoring, class_embeddings, cosine
 
 from .artifacts import default_scoring_of, image_transform_of, read_manifest
 from .checkpoint import LoadedCheckpoint, load_checkpoint
@@ -152,10 +152,7 @@ class FilipPipeline:
 
     # --- scoring -------------------------------------------------------------------------
     def _scoring(self, scoring: str | None) -> str:
-        scoring = self.default_scoring if scoring is None else scoring
-        if scoring not in SCORINGS:
-            raise InvalidInputError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
-        return scoring
+        return check_scoring(self.default_scoring if scoring is None else scoring, InvalidInputError)
 
     def score(self, images: Embeddings, texts: Embeddings, *, direction: str = "i2t",
               scoring: str | None = None) -> np.ndarray:

@@ -43,7 +43,7 @@ from filip_contract.gallery_reader import Gallery
 from filip_contract.gallery_writer import GalleryWriter
 from filip_contract.limits import (DEFAULT_CANDIDATES, DEFAULT_K, DEFAULT_MODE, MAX_CANDIDATES, MAX_K, MAX_QUERIES,
                                    SEARCH_MODES, ServingLimits)
-from filip_contract.scoring import DEFAULT_PARAM as SCORING_PARAM, SCORINGS, normalise
+from filip_contract.scoring import DEFAULT_PARAM as SCORING_PARAM, check_scoring, normalise
 
 from .errors import FilipError, GalleryError, InvalidInputError
 from .maxsim import MaxSimKernel, Queries, TorchMaxSimKernel
@@ -216,8 +216,7 @@ class Searcher:
         ``"global"``: by the cosine of the queries' ``pooled`` embeddings [nq, E] with the items'."""
         if mode not in SEARCH_MODES:
             raise InvalidInputError(f"mode must be one of {SEARCH_MODES}, got {mode!r}")
-        if scoring not in SCORINGS:
-            raise InvalidInputError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+        check_scoring(scoring, InvalidInputError)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise InvalidInputError(f"k must be a positive integer, got {k!r}")
         if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
@@ -338,9 +337,7 @@ class SearchEndpoint:
         self.root = Path(root) if root else Path(version_dir or "./x/1").resolve().parent.parent.parent / "galleries"
         self.embed_texts = embed_texts
         self.limits = ServingLimits.from_params(params)
-        self.default_scoring = params.get(SCORING_PARAM) or "token"
-        if self.default_scoring not in SCORINGS:
-            raise GalleryError(f"{SCORING_PARAM} must be one of {SCORINGS}, got {self.default_scoring!r}")
+        self.default_scoring = check_scoring(params.get(SCORING_PARAM) or "token", GalleryError, SCORING_PARAM)
         self.verify = params.get("gallery_verify", "full")
         self.load = params.get("gallery_load", "auto")
         self.first_stage = params.get("first_stage", "auto")        # auto | flat | ivf | qdrant
@@ -425,8 +422,7 @@ class SearchEndpoint:
         if mode not in SEARCH_MODES:
             raise InvalidInputError(f"MODE must be one of {SEARCH_MODES}, got {mode!r}")
         scoring = _scalar_str(inputs["SCORING"], "SCORING") if inputs.get("SCORING") is not None else self.default_scoring
-        if scoring not in SCORINGS:
-            raise InvalidInputError(f"SCORING must be one of {SCORINGS}, got {scoring!r}")
+        check_scoring(scoring, InvalidInputError, "SCORING")
         searcher = self.searcher
         t = time.perf_counter()
         tokens, lengths, pooled = self.embed_texts(texts)

@@ -203,9 +203,7 @@ def scoring_of(scoring: str | None, score_config: Mapping) -> str:
     parameter; "token" where a repository publishes none), checked."""
     if scoring is None:
         scoring = score_config.get("parameters", {}).get(S.DEFAULT_PARAM, {}).get("string_value") or "token"
-    if scoring not in S.SCORINGS:
-        raise FilipInvalidInputError(f"scoring must be one of {S.SCORINGS}, got {scoring!r}")
-    return scoring
+    return S.check_scoring(scoring, FilipInvalidInputError)
 
 
 def score_request(grpc, images: Embeddings, texts: Embeddings, direction: str, scoring: str) -> tuple[list, str]:
@@ -236,8 +234,8 @@ def search_inputs(grpc, texts: Sequence[str], k: int, mode: str, candidates: int
     _positive(k, "k", L.MAX_K)
     if mode not in L.SEARCH_MODES:
         raise FilipInvalidInputError(f"mode must be one of {L.SEARCH_MODES}, got {mode!r}")
-    if scoring is not None and scoring not in S.SCORINGS:
-        raise FilipInvalidInputError(f"scoring must be one of {S.SCORINGS}, got {scoring!r}")
+    if scoring is not None:
+        S.check_scoring(scoring, FilipInvalidInputError)
     if candidates is not None:
         _positive(candidates, "candidates", L.MAX_CANDIDATES)
     arrays = {"TEXT": _utf8(texts), "K": np.array([k]), "MODE": _utf8([mode])}

@@ -20,10 +20,11 @@ SCORINGS = ("token", "global")
 DEFAULT_PARAM = "default_scoring"     # the config parameter of filip_score / filip_search
 
 
-def check_scoring(scoring: str) -> str:
-    """``scoring`` if it is one of :data:`SCORINGS`; else ValueError with the choices."""
+def check_scoring(scoring: str, error: type[Exception] = ValueError, name: str = "scoring") -> str:
+    """``scoring`` if it is one of :data:`SCORINGS`; else ``error`` (the caller's own error
+    type: each side says whose fault it is) naming ``name`` and the choices."""
     if scoring not in SCORINGS:
-        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+        raise error(f"{name} must be one of {SCORINGS}, got {scoring!r}")
     return scoring
 
 
