@@ -223,11 +223,11 @@ class Searcher:
             raise InvalidInputError(f"candidates must be a positive integer, got {candidates!r}")
         g = self.gallery
         if scoring == "global":
-            pooled = _check_pooled(pooled, g.pooled_dim)
-            score_rows = lambda rows, i=None: normalise(pooled if i is None else pooled[i:i + 1]) @ g.pooled()[rows].T
-            score_all = lambda: normalise(pooled) @ g.pooled().T
-            first = lambda allowed: self.pooled_stage().nearest(normalise(pooled), candidates, allowed)
-            nq = pooled.shape[0]
+            qn = normalise(_check_pooled(pooled, g.pooled_dim))          # the queries, normalised once
+            score_rows = lambda rows, i=None: (qn if i is None else qn[i:i + 1]) @ g.pooled()[rows].T
+            score_all = lambda: qn @ g.pooled().T
+            first = lambda allowed: self.pooled_stage().nearest(qn, candidates, allowed)
+            nq = qn.shape[0]
         else:
             if q is None or q.dim != g.dim:
                 raise InvalidInputError(f"query tokens have dimension {None if q is None else q.dim}; "
