@@ -163,7 +163,7 @@ def load_image(src: ImageInput, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     """:func:`decode_image`, then converted to RGB (alpha and palette transparency dropped,
     as ``convert("RGB")`` drops them). The result may be ``src`` itself when that is an
     upright RGB PIL image."""
-    return _to_rgb(decode_image(src, max_pixels=max_pixels, max_bytes=max_bytes), "image")
+    return _to_rgb(decode_image(src, max_pixels=max_pixels, max_bytes=max_bytes))
 
 
 def _check_limit(name: str, value: int) -> None:
@@ -306,7 +306,7 @@ def _composite_on_white(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _to_rgb(img: Image.Image, what: str) -> Image.Image:
+def _to_rgb(img: Image.Image) -> Image.Image:
     """``convert("RGB")`` of a mode :func:`_source_mode` accepted (it drops alpha)."""
     mode = img.mode
     return img if mode == "RGB" else img.convert("RGB")
@@ -346,17 +346,6 @@ def _offset_round(excess: int) -> int:
 def _offset_floor(excess: int) -> int:
     """transformers ``center_crop``: ``excess // 2``."""
     return excess // 2
-
-
-def _center_crop(arr: np.ndarray, size: int) -> np.ndarray:
-    """torchvision ``CenterCrop(size)`` on an HxWxC array, zero padding first if it is smaller."""
-    h, w = arr.shape[:2]
-    if size > h or size > w:
-        pad_h, pad_w = max(size - h, 0), max(size - w, 0)
-        arr = np.pad(arr, ((pad_h // 2, (pad_h + 1) // 2), (pad_w // 2, (pad_w + 1) // 2), (0, 0)))
-        h, w = arr.shape[:2]
-    top, left = _offset_round(h - size), _offset_round(w - size)
-    return arr[top:top + size, left:left + size]
 
 
 def _resize_crop(img: Image.Image, resize: int, crop: int, offset=_offset_round) -> Image.Image:
@@ -568,12 +557,11 @@ class ImageTransform:
     def __call__(self, src: ImageInput) -> np.ndarray:
         """One image (any :data:`ImageInput`) -> float32 [3, S, S]."""
         img = decode_image(src, max_pixels=self.max_pixels, max_bytes=self.max_bytes)
-        what = "image"
         if self.recipe == "transformers":
             img = _composite_on_white(img)
             window = _resize_crop(img, self.resize_size, self.image_size, _offset_floor)
         else:
-            window = _to_rgb(_resize_crop(img, self.resize_size, self.image_size, _offset_round), what)
+            window = _to_rgb(_resize_crop(img, self.resize_size, self.image_size, _offset_round))
         return self._normalise(np.asarray(window))
 
     def batch(self, srcs: Sequence[ImageInput], *, start: int = 0) -> np.ndarray:

@@ -209,19 +209,6 @@ def test_extreme_banner_is_fast_and_bounded():
     assert out.shape == (3, 224, 224) and np.isfinite(out).all()
 
 
-def test_center_crop_pads_like_torchvision():
-    a = np.arange(15, dtype=np.uint8).reshape(3, 5, 1) + 1
-    got = pp._center_crop(a, 4)             # pad bottom 1 row (top 0), then crop columns 0..3
-    want = np.zeros((4, 4, 1), np.uint8)
-    want[:3] = a[:, :4]
-    np.testing.assert_array_equal(got, want)
-    b = np.full((2, 2, 1), 9, np.uint8)
-    got = pp._center_crop(b, 5)             # pads (top, bottom) = (1, 2), (left, right) = (1, 2)
-    want = np.zeros((5, 5, 1), np.uint8)
-    want[1:3, 1:3] = 9
-    np.testing.assert_array_equal(got, want)
-
-
 # --- mode conversions ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small(photo) -> Image.Image:
