@@ -275,15 +275,7 @@ def _load_weights(model: FilipModel, sd: Mapping[str, torch.Tensor], path: Path)
     bad_shape = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
                  for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
     not_tensor = [k for k in sd if not isinstance(sd[k], torch.Tensor)]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {_limit(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys {_limit(unexpected)}")
-    if bad_shape:
-        problems.append(f"shape mismatches [{'; '.join(_limit(bad_shape))}]")
-    if not_tensor:
-        problems.append(f"non-tensor values at {_limit(not_tensor)}")
+    problems = _weight_problems(missing=missing, unexpected=unexpected, bad_shape=bad_shape, not_tensor=not_tensor)
     if problems:
         raise CheckpointError(f"{path}: weights do not fit the model: " + ", ".join(problems))
     with torch.no_grad():
@@ -294,6 +286,16 @@ def _load_weights(model: FilipModel, sd: Mapping[str, torch.Tensor], path: Path)
             if not torch.isfinite(t).all():
                 raise CheckpointError(f"{path}: key '{k}' contains NaN or Inf")
             p.copy_(t.to(torch.float32))
+
+
+_PROBLEM = {"missing": "missing keys {}", "unexpected": "unexpected keys {}",
+            "bad_shape": "shape mismatches [{}]", "not_tensor": "non-tensor values at {}"}
+
+
+def _weight_problems(**found: list[str]) -> list[str]:
+    """One phrase per non-empty kind of problem, in the order given (at most 10 items each)."""
+    return [_PROBLEM[kind].format("; ".join(_limit(items)) if kind == "bad_shape" else _limit(items))
+            for kind, items in found.items() if items]
 
 
 def _limit(items: list[str], n: int = 10) -> list[str]:
@@ -686,15 +688,8 @@ def _hf_to_native(sd: Mapping, model: FilipModel, weights: Path, cfg_path: Path)
                 bad_shape.append(f"{k}: weights {tuple(sd[k].shape)} vs config {want}")
     used = {k for _, keys, _ in rules for k in keys}
     unexpected = [k for k in sd if k not in used and not (isinstance(k, str) and k.endswith("position_ids"))]
-    problems = []
-    if bad_shape:
-        problems.append(f"shape mismatches [{'; '.join(_limit(bad_shape))}]")
-    if missing:
-        problems.append(f"missing keys {_limit(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys {_limit([str(k) for k in unexpected])}")
-    if not_tensor:
-        problems.append(f"non-tensor values at {_limit(not_tensor)}")
+    problems = _weight_problems(bad_shape=bad_shape, missing=missing, unexpected=[str(k) for k in unexpected],
+                                not_tensor=not_tensor)
     if problems:
         raise CheckpointError(f"{weights}: the weights do not match the CLIPModel that {cfg_path.name} describes: "
                               + ", ".join(problems))
