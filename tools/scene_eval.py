@@ -3,7 +3,7 @@ client against a served repository, or the in-process pipeline): held-out scenes
 tools/scenes.py, seeds the training never draws.
 
     python -m tools.scene_eval --repository build/trained/triton_models [--out build/trained/eval]
-    python -m tools.scene_eval --url HOST:8001
+    python -m tools.scene_eval --repository DIR --url HOST:8001      # a server already serving DIR
 
 - zero-shot: one-object scenes classified among the 24 "colour shape" names; accuracy of the
   colour, the shape and both, token-wise vs global scoring;
@@ -236,44 +236,35 @@ def markdown(res: dict, command: str, checkpoint: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.scene_eval", description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--repository", type=Path, help="serve this repository with tritonserver for the run")
-    src.add_argument("--url", help="a running server (HOST:PORT, gRPC)")
+    p.add_argument("--repository", type=Path, required=True,
+                   help="the model repository (its tokenizer and patch grid; served by tritonserver for the run "
+                        "unless --url names a server already serving it)")
+    p.add_argument("--url", help="a running server serving --repository (HOST:PORT, gRPC)")
     p.add_argument("--out", type=Path, default=None, help="folder for the heatmap PNGs and metrics.json")
     p.add_argument("--n-retrieval", type=int, default=1000)
     p.add_argument("--report", type=Path, default=None,
                    help="write the figures as this file's delimited scene-eval section (docs/BENCHMARKS.md)")
     args = p.parse_args(argv)
+    from contextlib import nullcontext
+
     from filip_client import FilipClient
     from filip_engine.artifacts import read_manifest
     from filip_engine.tokenizer import ClipTokenizer
+    from filip_export.launch import TritonServer
 
-    def run(url: str, repo: Path | None) -> dict:
-        with FilipClient(url, timeout=120) as c:
-            cfg_dir = repo / "filip_text" / "1" if repo else None
-            if cfg_dir is None:
-                raise SystemExit("--url needs the repository for the tokenizer and grid; use --repository")
-            cfg, _ = read_manifest(cfg_dir)
-            tok = ClipTokenizer.from_file(cfg_dir / "tokenizer.json", context_length=cfg.text.context_length)
-            return evaluate(c, tok, cfg.vision.grid, client=c, out=args.out, n_retrieval=args.n_retrieval)
-
-    if args.repository:
-        from filip_export.launch import TritonServer
-        with TritonServer(args.repository) as server:
-            res = run(server.url, args.repository)
-    else:
-        res = run(args.url, None)
+    text_dir = args.repository / "filip_text" / "1"
+    cfg, manifest = read_manifest(text_dir)
+    tok = ClipTokenizer.from_file(text_dir / "tokenizer.json", context_length=cfg.text.context_length)
+    with (nullcontext() if args.url else TritonServer(args.repository)) as server:
+        with FilipClient(args.url or server.url, timeout=120) as c:
+            res = evaluate(c, tok, cfg.vision.grid, client=c, out=args.out, n_retrieval=args.n_retrieval)
     print(report(res))
     if args.out:
         (args.out / "metrics.json").write_text(json.dumps(res, indent=1) + "\n")
     if args.report:
         from tools.measure import write_section
         command = "python -m tools.scene_eval " + " ".join(sys.argv[1:] if argv is None else argv)
-        ckpt = "the checkpoint served"
-        if args.repository:
-            from filip_engine.artifacts import read_manifest
-            ckpt = read_manifest(args.repository / "filip_text" / "1")[1]["checkpoint"]
-        write_section(args.report, markdown(res, command, ckpt), "scene-eval")
+        write_section(args.report, markdown(res, command, manifest["checkpoint"]), "scene-eval")
     return 0
 
 
