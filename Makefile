@@ -17,8 +17,9 @@ RANDOM_CKPT := $(DEMO_DIR)/filip-$(DEMO_PRESET).pt
 $(STAMP): pyproject.toml client/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# two distributions: the client + contract + HTTP gateway (client/) and the engine (.), both editable
-	$(BIN)/python -m pip install -q -e "./client[gateway]" -e ".[dev]"
+	# two distributions: the client + contract + HTTP gateway (client/) and the engine (.), both
+	# editable; the engine with its CPU reduced-precision engines (OpenVINO, NNCF)
+	$(BIN)/python -m pip install -q -e "./client[gateway]" -e ".[dev,cpu]"
 	# open_clip_torch is installed without its dependencies only for the CLIP BPE merges
 	# file it ships (bpe_simple_vocab_16e6.txt.gz) and CLIP's reference tokenizer used
 	# by the tests; the engine never imports it.

@@ -38,6 +38,22 @@ def write_manifest(directory: str | Path, config: FilipConfig, *, logit_scale: f
     return path
 
 
+def update_manifest(directory: str | Path, **entries) -> Path:
+    """Add or replace top-level entries of a manifest written by :func:`write_manifest`."""
+    path = Path(directory) / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    data.update(entries)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def engine_of(manifest: dict):
+    """The CPU engine a tower's manifest records (:class:`filip_engine.precision.TowerEngine`;
+    none recorded: fp32 ONNX Runtime)."""
+    from .precision import TowerEngine
+    return TowerEngine.from_mapping(manifest.get("engine"))
+
+
 def read_manifest(directory: str | Path) -> tuple[FilipConfig, dict]:
     """(config, the whole manifest).  A missing or malformed manifest is a CheckpointError."""
     path = Path(directory) / MANIFEST_NAME

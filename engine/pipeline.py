@@ -25,13 +25,14 @@ import numpy as np
 
 from filip_contract.scoring import check_scoring, class_embeddings, cosine
 
-from .artifacts import default_scoring_of, image_transform_of, read_manifest
+from .artifacts import default_scoring_of, engine_of, image_transform_of, read_manifest
 from .checkpoint import LoadedCheckpoint, load_checkpoint
 from .config import FilipConfig
 from .errors import InvalidInputError, TokenizerError
 from .interaction import DEFAULT_TEMPLATES, alignment_map, build_prompts, late_interaction, zero_shot_scores
 from .io_spec import tower_spec
 from .preprocess import ImageInput, ImageTransform
+from .precision import open_cpu_runtime
 from .runtime import OnnxRuntime, Runtime, TorchRuntime
 from .tokenizer import ClipTokenizer, find_clip_merges_file
 
@@ -118,13 +119,15 @@ class FilipPipeline:
     @classmethod
     def from_repository(cls, repo: str | Path, *, intra_op_threads: int | None = None) -> "FilipPipeline":
         """Load the encoders of a model repository written by ``export/to_trt.py``
-        (``filip_text/1``: text.onnx, tokenizer.json; ``filip_image/1``: image.onnx)."""
+        (``filip_text/1``: text.onnx, tokenizer.json; ``filip_image/1``: image.onnx), each on
+        the CPU engine its manifest records (fp32 ONNX Runtime, OpenVINO bf16, int8)."""
         text_dir, image_dir = Path(repo) / "filip_text" / "1", Path(repo) / "filip_image" / "1"
         cfg, manifest = read_manifest(text_dir)
         tok = ClipTokenizer.from_file(text_dir / "tokenizer.json", vocab_size=cfg.text.vocab_size,
                                       context_length=cfg.text.context_length)
-        img = OnnxRuntime(image_dir / "image.onnx", tower_spec(cfg, "image"), intra_op_threads=intra_op_threads)
-        txt = OnnxRuntime(text_dir / "text.onnx", tower_spec(cfg, "text"), intra_op_threads=intra_op_threads)
+        img = open_cpu_runtime(image_dir, "image", tower_spec(cfg, "image"), engine_of(read_manifest(image_dir)[1]),
+                               threads=intra_op_threads)
+        txt = open_cpu_runtime(text_dir, "text", tower_spec(cfg, "text"), engine_of(manifest), threads=intra_op_threads)
         return cls(cfg, tok, img, txt, logit_scale=float(manifest["logit_scale"]),
                    transform=image_transform_of(manifest, cfg), default_scoring=default_scoring_of(manifest))
 

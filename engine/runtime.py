@@ -2,6 +2,9 @@
 
 - :class:`TorchRuntime`: the PyTorch model (the reference), CPU or CUDA.
 - :class:`OnnxRuntime`: an exported ``.onnx`` on ONNX Runtime (CPU, or CUDA where present).
+- :class:`OpenVinoRuntime`: an ``.onnx`` compiled by OpenVINO for the CPU, at fp32 or bf16
+  inference precision (the CPU's reduced-precision engines: :mod:`filip_engine.precision`);
+  ``openvino`` is imported when one is created.
 - :class:`TensorRTRuntime`: a TensorRT plan (TensorRT 10+ API), CUDA only; ``tensorrt`` is
   imported when one is created, so importing this module never needs it.
 - :class:`TritonModelRuntime`: another model of the same Triton server, called from a Python
@@ -110,6 +113,57 @@ class OnnxRuntime(Runtime):
 
     def close(self) -> None:
         self.session = None
+
+
+class OpenVinoRuntime(Runtime):
+    """An ONNX model compiled by OpenVINO for the CPU.  ``inference_precision`` is OpenVINO's
+    INFERENCE_PRECISION_HINT, always set: "f32" computes in fp32 (OpenVINO's own default on a
+    CPU with bf16 units is bf16), "bf16" in bf16 with fp32 accumulation.  One stream with
+    ``threads`` threads (latency mode): the Triton instance is the unit of parallelism, and
+    OpenVINO's throughput mode would start its own streams beside Triton's instances."""
+
+    def __init__(self, path: str | Path, spec: TowerSpec, *, inference_precision: str = "f32",
+                 threads: int | None = None):
+        try:
+            import openvino as ov
+        except ImportError as e:
+            raise ExportError(f"OpenVINO is not installed ({e}); it serves {path}: "
+                              "pip install 'filip-engine[cpu]'") from e
+        path = Path(path)
+        if not path.is_file():
+            raise ExportError(f"model not found: {path}")
+        from .precision import default_threads
+        props = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY",
+                 "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": int(threads or default_threads())}
+        try:
+            self.compiled = ov.Core().compile_model(str(path), "CPU", props)
+        except Exception as e:
+            raise ExportError(f"OpenVINO cannot compile {path}: {e}") from e
+        self.spec = spec
+        got_in = [i.get_any_name() for i in self.compiled.inputs]
+        got_out = [o.get_any_name() for o in self.compiled.outputs]
+        if sorted(got_in) != sorted(spec.input_names) or sorted(got_out) != sorted(spec.output_names):
+            raise ExportError(f"{path}: graph I/O {got_in} -> {got_out} does not match the {spec.name} "
+                              f"tower's declared {spec.input_names} -> {spec.output_names}")
+        self._outputs = {n: self.compiled.output(n) for n in spec.output_names}
+        self._request = self.compiled.create_infer_request()
+        self.name = f"openvino-{inference_precision}"
+
+    def _infer(self, feeds):
+        batch = len(feeds[self.spec.input_names[0]])
+        result = self._request.infer({n: np.ascontiguousarray(feeds[n]) for n in self.spec.input_names})
+        out = {}
+        for t in self.spec.outputs:
+            # a copy: the request's output buffers are reused by the next inference
+            a = np.array(result[self._outputs[t.name]], dtype=np.float32)
+            if a.ndim != len(t.shape):     # a graph transformation may add a unit axis; the size must agree
+                a = a.reshape(batch, *a.shape[a.ndim - len(t.shape) + 1:])
+            out[t.name] = a
+        return out
+
+    def close(self) -> None:
+        self._request = None
+        self.compiled = None
 
 
 # TensorRT DataType names -> torch dtype names (looked up by name, so no tensorrt import is needed here)
@@ -363,8 +417,12 @@ class TritonModelRuntime(Runtime):
 def open_tower_runtime(version_dir: str | Path, tower: str, spec: TowerSpec, params: Mapping[str, str]) -> Runtime:
     """The runtime a Triton front end (filip_text / filip_image) should use: the TensorRT model
     named by its ``trt_model`` config parameter when the repository was built with TensorRT,
-    else ONNX Runtime on ``<version_dir>/<tower>.onnx``."""
+    else the CPU engine its ``precision`` / ``engine`` / ``model_file`` parameters name
+    (:func:`filip_engine.precision.open_cpu_runtime`; none: fp32 ONNX Runtime on
+    ``<version_dir>/<tower>.onnx``)."""
     if params.get("trt_model"):
         return TritonModelRuntime(params["trt_model"], spec)
-    return OnnxRuntime(Path(version_dir) / f"{tower}.onnx", spec,
-                       intra_op_threads=int(params.get("intra_op_threads", "0") or 0) or None)
+    from .precision import PARAMS, TowerEngine, open_cpu_runtime
+    record = TowerEngine.from_mapping({k: params[k] for k in PARAMS if params.get(k)})
+    return open_cpu_runtime(version_dir, tower, spec, record,
+                            threads=int(params.get("intra_op_threads", "0") or 0) or None)

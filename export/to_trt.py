@@ -1,11 +1,14 @@
-"""python export/to_trt.py CKPT [--out DIR] [--vocab FILE] [--precision fp32|fp16]
+"""python export/to_trt.py CKPT [--out DIR] [--vocab FILE] [--precision fp32|fp16|bf16|int8]
                           [--max-batch N] [--runtime auto|tensorrt|onnxruntime] [--activation ...]
 
 Checkpoint -> ONNX (both towers) -> validated against PyTorch on ONNX Runtime, figures
 printed -> TensorRT plans when TensorRT and an NVIDIA GPU are present (validated against
-PyTorch too; export/trt.py) -> a complete Triton model repository in --out.  Anything wrong
-ends with one sentence on stderr and a non-zero exit: 2 for bad input (checkpoint,
-vocabulary, flags, no TensorRT/GPU for --runtime tensorrt), 1 for a failed numerics gate.
+PyTorch too; export/trt.py), or with --precision bf16 / int8 the CPU's reduced-precision
+engines (OpenVINO bf16, int8 by ONNX Runtime or NNCF + OpenVINO; gated against PyTorch on
+held-out inputs, export/cpu_precision.py) -> a complete Triton model repository in --out.
+Anything wrong ends with one sentence on stderr and a non-zero exit: 2 for bad input
+(checkpoint, vocabulary, flags, no TensorRT/GPU for --runtime tensorrt, a CPU without bf16
+instructions), 1 for a failed numerics gate.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import time
 from pathlib import Path
 
 from filip_contract.limits import ServingLimits
-from filip_engine.artifacts import write_manifest
+from filip_engine.artifacts import update_manifest, write_manifest
 from filip_engine.checkpoint import load_checkpoint
 from filip_engine.errors import FilipError, ValidationError
 from filip_engine.pipeline import checkpoint_transform, load_tokenizer
@@ -34,8 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", type=Path, default=None,
                    help="CLIP BPE merges file (bpe_simple_vocab_16e6.txt[.gz]) or a Hugging Face tokenizer.json; "
                         "default: the checkpoint's own, else the one shipped in installed packages")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
-                   help="TensorRT engine precision (ONNX artifacts are always fp32)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8"], default="fp32",
+                   help="fp32 (exact) or fp16: TensorRT engine precision; bf16 or int8: CPU engines (OpenVINO bf16 "
+                        "on CPUs with bf16 instructions; int8 by ONNX Runtime or NNCF + OpenVINO), gated against "
+                        "PyTorch (ONNX artifacts are always written in fp32 too)")
+    p.add_argument("--int8-engine", choices=["auto", "onnxruntime", "openvino"], default="auto",
+                   help="--precision int8: auto (default) builds both and serves the faster that passes its gate")
+    p.add_argument("--calibration-images", type=Path, default=None, metavar="DIR",
+                   help="--precision bf16/int8: your own images (at least 40) to calibrate, tune and gate on; "
+                        "default: drawn pictures through the checkpoint's preprocessing")
+    p.add_argument("--calibration-texts", type=Path, default=None, metavar="FILE",
+                   help="--precision bf16/int8: your own captions, one per line (at least 40); default: drawn captions")
     p.add_argument("--max-batch", type=int, default=64, help="largest batch the engines accept (default 64)")
     p.add_argument("--runtime", choices=["auto", "tensorrt", "onnxruntime"], default="auto",
                    help="auto: TensorRT when TensorRT and an NVIDIA GPU are present, else ONNX Runtime")
@@ -102,11 +114,27 @@ def _run(args) -> int:
         raise FilipError(f"--max-queue-size must be 0 (no queue policy) or positive, got {args.max_queue_size}")
     if args.instances < 1 or args.queue_delay_us < 0:
         raise FilipError(f"--instances must be >= 1 and --queue-delay-us >= 0, got {args.instances} and {args.queue_delay_us}")
-    trt_ok, trt_why = tensorrt_available()
+    cpu_precision = args.precision in ("bf16", "int8")
+    if not cpu_precision and (args.calibration_images or args.calibration_texts):
+        raise FilipError("--calibration-images / --calibration-texts apply to --precision bf16 or int8 only")
+    if cpu_precision:
+        if args.runtime == "tensorrt":
+            raise FilipError(f"--precision {args.precision} builds CPU engines; TensorRT builds fp32 or fp16 "
+                             "(--precision fp16 --runtime tensorrt)")
+        from filip_engine.precision import check_cpu_supports
+        if args.precision == "bf16" or args.int8_engine == "openvino":
+            check_cpu_supports(args.precision)       # before the slow steps
+        trt_ok, trt_why = False, f"--precision {args.precision} builds CPU engines"
+    else:
+        trt_ok, trt_why = tensorrt_available()
     if args.runtime == "tensorrt":
         if not trt_ok:
             raise FilipError(f"--runtime tensorrt was requested but {trt_why}; use --runtime onnxruntime or auto")
     use_trt = trt_ok and args.runtime != "onnxruntime"
+    if args.precision == "fp16" and not use_trt:
+        why = trt_why or "--runtime onnxruntime"
+        raise FilipError(f"--precision fp16 is a TensorRT precision and TensorRT will not build here ({why}); "
+                         "on a CPU use --precision bf16 or int8")
     if use_trt:
         from filip_export.trt import build_flags, import_tensorrt
         try:   # fail before the slow steps when this TensorRT cannot build this precision
@@ -170,17 +198,39 @@ def _write(args, ckpt, tok, source, limits, use_trt, trt_why, staged: StagedRepo
         r.raise_if_failed()
     print("      all numerics gates passed")
 
-    tensorrt = None
+    tensorrt, engines = None, None
     if use_trt:
         tensorrt = _build_tensorrt(args, ckpt, paths, staged)
+    elif args.precision in ("bf16", "int8"):
+        engines = _build_cpu_engines(args, ckpt, tok, transform, paths)
+        for tower, d in (("image", image_dir), ("text", text_dir)):
+            update_manifest(d, engine=engines[tower].to_dict(tower))
+        update_manifest(version_dir(work, "filip_score"), engines={t: e.to_dict(t) for t, e in engines.items()})
     else:
         print(f"      TensorRT engines: skipped ({trt_why or '--runtime onnxruntime'}); ONNX Runtime serves the encoders")
     settings = RepoSettings(max_batch=args.max_batch, queue_delay_us=args.queue_delay_us,
                             text_instances=args.instances, image_instances=args.instances,
                             max_queue_size=args.max_queue_size, limits=limits)
     models = write_repository(work, cfg, logit_scale=ckpt.model.similarity_scale(), default_scoring=ckpt.default_scoring,
-                              settings=settings, tensorrt=tensorrt)
+                              settings=settings, tensorrt=tensorrt, engines=engines)
     return models, settings
+
+
+def _build_cpu_engines(args, ckpt, tok, transform, paths):
+    """The bf16 / int8 CPU engines of both towers, gated on held-out inputs (ValidationError
+    -> exit 1; the staged repository is then dropped)."""
+    from filip_export.calibration import gate_inputs
+    from filip_export.cpu_precision import GATE_TOLERANCE, build_cpu_engines
+    t = time.perf_counter()
+    data = gate_inputs(transform, tok, images=args.calibration_images, texts=args.calibration_texts)
+    print(f"[4/5] {args.precision} CPU engines, gated vs PyTorch fp32 on held-out inputs (images: {data.source['images']}, "
+          f"texts: {data.source['texts']}; gate: cos >= {GATE_TOLERANCE.min_cosine}, |d| <= {GATE_TOLERANCE.max_abs:g}, "
+          f"top-10 agreement >= 0.9):")
+    engines = build_cpu_engines(ckpt.model, args.precision, paths, data, int8_engine=args.int8_engine,
+                                max_batch=args.max_batch)
+    print(f"      all {args.precision} numerics gates passed in {time.perf_counter() - t:.1f} s; "
+          + ", ".join(f"{tw}: {e.engine} ({e.file_for(tw)})" for tw, e in engines.items()) + " serve the encoders")
+    return engines
 
 
 def _build_tensorrt(args, ckpt, paths, staged: StagedRepository) -> TensorRTPlans:

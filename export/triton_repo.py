@@ -125,15 +125,21 @@ def _warmup(c: mc.ModelConfig, tensor: M.Tensor, sizes: dict[str, int]) -> None:
 
 
 def model_configs(cfg: FilipConfig, s: RepoSettings, logit_scale: float,
-                  default_scoring: str = "token") -> dict[str, mc.ModelConfig]:
+                  default_scoring: str = "token", engines: dict | None = None) -> dict[str, mc.ModelConfig]:
     """Each served model's config, from the contract's declarations, the checkpoint's sizes,
-    temperature and scoring rule, and the settings."""
+    temperature and scoring rule, and the settings.  ``engines`` ("image"/"text" ->
+    :class:`filip_engine.precision.TowerEngine`; default fp32 ONNX Runtime) become the
+    encoders' ``precision`` / ``engine`` / ``model_file`` / ``inference_precision`` parameters."""
+    from filip_engine.precision import TowerEngine
+    engines = engines or {}
     scoring = {SCORING_PARAM: check_scoring(default_scoring)}
     sizes = {"D": cfg.token_dim, "E": cfg.embed_dim, "S": cfg.vision.image_size, "P": cfg.vision.num_patches}
     limits = s.limits.to_params()
     encoder = {**limits, "intra_op_threads": s.intra_op_threads, "max_batch": s.max_batch}
-    text = _served_model(M.TEXT, sizes, max_batch=s.max_batch, instances=s.text_instances, params=encoder)
-    image = _served_model(M.IMAGE, sizes, max_batch=s.max_batch, instances=s.image_instances, params=encoder)
+    text = _served_model(M.TEXT, sizes, max_batch=s.max_batch, instances=s.text_instances,
+                         params={**encoder, **engines.get("text", TowerEngine()).to_params("text")})
+    image = _served_model(M.IMAGE, sizes, max_batch=s.max_batch, instances=s.image_instances,
+                          params={**encoder, **engines.get("image", TowerEngine()).to_params("image")})
     for c in (text, image):
         _dynamic_batching(c, s)
     _warmup(text, M.TEXT.input("TEXT"), sizes)
@@ -263,12 +269,13 @@ def version_dir(out: Path, model: str) -> Path:
 
 
 def write_repository(out: Path, cfg: FilipConfig, *, logit_scale: float, default_scoring: str = "token",
-                     settings: RepoSettings = RepoSettings(), tensorrt: TensorRTPlans | None = None) -> list[Path]:
+                     settings: RepoSettings = RepoSettings(), tensorrt: TensorRTPlans | None = None,
+                     engines: dict | None = None) -> list[Path]:
     """Write each model's ``config.pbtxt`` and its ``1/model.py`` (:func:`adapter_source`).  The
     artifacts must already be in place (see :func:`version_dir`).  With ``tensorrt``, also the
     tensorrt_plan models.  Nothing written names a path of this machine."""
     written = []
-    configs = model_configs(cfg, settings, logit_scale, default_scoring)
+    configs = model_configs(cfg, settings, logit_scale, default_scoring, engines)
     if tensorrt is not None:
         configs.update(tensorrt_configs(cfg, settings, tensorrt, configs))
     for name, config in configs.items():

@@ -278,26 +278,28 @@ def plans_in(version_dir: str | Path) -> dict[str, str]:
 # --- gates ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RankingResult:
-    """Top-k agreement of a ranking (s_T: images per text query) between PyTorch and TensorRT."""
+    """Top-k agreement of a ranking (images per text query, by ``score``: "s_T" or "global")
+    between PyTorch and a reduced-precision engine."""
     k: int
     n_queries: int
     n_items: int
     mean_overlap: float
     min_overlap: float
     threshold: float
+    score: str = "s_T"
 
     @property
     def passed(self) -> bool:
         return self.mean_overlap >= self.threshold
 
     def line(self) -> str:
-        return (f"{'ok  ' if self.passed else 'FAIL'} s_T top-{self.k} agreement over {self.n_queries} text queries x "
-                f"{self.n_items} images: mean {self.mean_overlap:.3f}, min {self.min_overlap:.3f} "
+        return (f"{'ok  ' if self.passed else 'FAIL'} {self.score} top-{self.k} agreement over {self.n_queries} text "
+                f"queries x {self.n_items} images: mean {self.mean_overlap:.3f}, min {self.min_overlap:.3f} "
                 f"(gate: mean >= {self.threshold})")
 
 
 def topk_agreement(reference: np.ndarray, candidate: np.ndarray, k: int = RANKING_K,
-                   threshold: float = MIN_TOPK_AGREEMENT) -> RankingResult:
+                   threshold: float = MIN_TOPK_AGREEMENT, score: str = "s_T") -> RankingResult:
     """Rows are queries, columns items: per query, the fraction of the reference's top-k items
     that are also in the candidate's top-k; averaged over queries."""
     ref, cand = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
@@ -307,27 +309,29 @@ def topk_agreement(reference: np.ndarray, candidate: np.ndarray, k: int = RANKIN
     top_r = np.argsort(-ref, axis=1, kind="stable")[:, :k]
     top_c = np.argsort(-cand, axis=1, kind="stable")[:, :k]
     overlaps = np.array([len(set(a) & set(b)) / k for a, b in zip(top_r, top_c)]) if ref.shape[0] else np.ones(1)
-    return RankingResult(k, ref.shape[0], ref.shape[1], float(overlaps.mean()), float(overlaps.min()), threshold)
+    return RankingResult(k, ref.shape[0], ref.shape[1], float(overlaps.mean()), float(overlaps.min()), threshold, score)
 
 
 def engine_tolerance(precision: str) -> Tolerance:
     return TRT_FP16_TOLERANCE if precision == "fp16" else TRT_FP32_TOLERANCE
 
 
-def gate_failures(results: Sequence[CompareResult], ranking: RankingResult | None = None) -> list[str]:
+def gate_failures(results: Sequence[CompareResult],
+                  ranking: "RankingResult | Sequence[RankingResult] | None" = None) -> list[str]:
     """Every failed gate, one line each (empty: all passed)."""
     bad = [f"{r.label}: " + "; ".join(f"{o.name}: {', '.join(o.failures)}" for o in r.outputs if not o.passed)
            for r in results if not r.passed]
-    if ranking is not None and not ranking.passed:
-        bad.append(f"s_T top-{ranking.k} agreement {ranking.mean_overlap:.3f} < {ranking.threshold}")
+    rankings = [] if ranking is None else [ranking] if isinstance(ranking, RankingResult) else list(ranking)
+    bad += [f"{r.score} top-{r.k} agreement {r.mean_overlap:.3f} < {r.threshold}" for r in rankings if not r.passed]
     return bad
 
 
-def raise_if_gates_failed(results: Sequence[CompareResult], ranking: RankingResult | None = None,
+def raise_if_gates_failed(results: Sequence[CompareResult],
+                          ranking: "RankingResult | Sequence[RankingResult] | None" = None,
                           what: str = "TensorRT engine") -> None:
     bad = gate_failures(results, ranking)
     if bad:
-        raise ValidationError(f"{what} failed its numerics gates vs PyTorch: " + " | ".join(bad))
+        raise ValidationError(f"{what} failed numerics gates vs PyTorch: " + " | ".join(bad))
 
 
 # --- TensorRT (lazy) ----------------------------------------------------------------------
