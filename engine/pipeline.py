@@ -48,6 +48,11 @@ class Embeddings:
     def __len__(self) -> int:
         return int(self.lengths.shape[0])
 
+    def __getitem__(self, idx) -> "Embeddings":
+        """Rows ``idx`` (an int or a slice), as the client's Embeddings."""
+        idx = slice(idx, idx + 1) if isinstance(idx, int) else idx
+        return Embeddings(self.tokens[idx], self.lengths[idx], self.pooled[idx])
+
 
 def _concat(parts: list[Embeddings]) -> Embeddings:
     """Concatenate batches whose token axes may differ (texts padded per batch)."""

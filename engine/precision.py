@@ -4,10 +4,11 @@ into the tower's manifest and its Triton config, and the one place that opens it
 - ``fp32``: the exported ``<tower>.onnx`` on ONNX Runtime (exact: gated at cos >= 0.99999).
 - ``bf16``: the same ``<tower>.onnx`` compiled by OpenVINO with bf16 inference precision
   (AVX512_BF16 / AMX matrix units); refused on a CPU that OpenVINO says lacks BF16.
-- ``int8``: a quantised ``<tower>.int8.onnx``: ONNX Runtime dynamic quantisation (int8
-  weights per output channel, uint8 activations quantised per batch) or a static QDQ model
-  calibrated by NNCF and run by OpenVINO, whichever passed its gate and ran faster at export
-  (``filip_export.cpu_precision``). Layers the gate showed too sensitive stay fp32.
+- ``int8``: ONNX Runtime dynamic quantisation (``<tower>.int8.onnx``: int8 weights per output
+  channel, uint8 activations with a range per batch) or NNCF's static quantisation run by
+  OpenVINO (``<tower>.int8.xml`` + ``.bin``, calibrated activation ranges), whichever passed
+  its gate and ran faster at export (``filip_export.cpu_precision``).  Layers the gate showed
+  too sensitive stay fp32.
 
 A reduced-precision tower is gated like a TensorRT fp16 engine: per-token cosine >= 0.999
 against PyTorch fp32 and top-10 ranking agreement >= 0.9 on held-out inputs.

@@ -12,8 +12,8 @@ its size; the export then leaves no repository.
 
   - ``onnxruntime``: ONNX Runtime's dynamic quantisation of every weight MatMul (int8
     weights per output channel, uint8 activations with a range per batch);
-  - ``openvino``: NNCF's static post-training quantisation (QDQ, activation ranges from the
-    calibration split) run by OpenVINO.
+  - ``openvino``: NNCF's static post-training quantisation of the OpenVINO model (activation
+    ranges from the calibration split), saved as OpenVINO IR (``<tower>.int8.xml`` + ``.bin``).
 
   A layer that costs too much accuracy stays fp32: when the fully quantised tower misses the
   validation target, each weight MatMul is measured alone (only it quantised) and the most
@@ -116,17 +116,30 @@ def quantize_dynamic_onnx(src: Path, dst: Path, fp32_nodes: Sequence[str]) -> No
 
 
 def quantize_static_nncf(src: Path, dst: Path, fp32_nodes: Sequence[str], calibration: dict[str, np.ndarray]) -> None:
+    """NNCF's post-training quantisation of the OpenVINO model read from ``src`` (activation
+    ranges from ``calibration``, transformer preset), saved as OpenVINO IR (``dst`` .xml +
+    .bin).  ``fp32_nodes`` are ONNX node names; they are found in the OpenVINO model by the
+    tensor names their outputs carry through the conversion."""
     try:
         import nncf
+        import openvino as ov
     except ImportError as e:
-        raise FilipError(f"NNCF is not installed ({e}); {INSTALL_HINT}") from e
+        raise FilipError(f"NNCF / OpenVINO is not installed ({e}); {INSTALL_HINT}") from e
+    model = ov.Core().read_model(str(src))
+    proto = onnx.load(str(src), load_external_data=False)
+    outputs = {o for n in proto.graph.node if n.name in set(fp32_nodes) for o in n.output}
+    ignored = [op.get_friendly_name() for op in model.get_ops()
+               if op.get_type_name() == "MatMul" and any(outputs & o.get_names() for o in op.outputs())]
+    if len(ignored) != len(fp32_nodes):
+        raise FilipError(f"{len(fp32_nodes)} layers are to stay fp32 but {len(ignored)} of them were found in the "
+                         f"OpenVINO model of {src.name}")
     items = list(chunks(calibration, TIMING_BATCH))
     # NNCF draws progress bars on the terminal: kept out of the export's report
     with _quiet(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        q = nncf.quantize(onnx.load(str(src)), nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER,
+        q = nncf.quantize(model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER,
                           subset_size=sum(len(next(iter(i.values()))) for i in items),
-                          ignored_scope=nncf.IgnoredScope(names=list(fp32_nodes), validate=False) if fp32_nodes else None)
-    onnx.save(q, str(dst))
+                          ignored_scope=nncf.IgnoredScope(names=ignored) if ignored else None)
+    ov.save_model(q, str(dst), compress_to_fp16=False)
 
 
 def search_fp32_layers(build: Callable[[Sequence[str]], object], nodes: Sequence[str], validate: Callable[[object], float],
@@ -182,7 +195,8 @@ def build_cpu_engines(model, precision: str, onnx_paths: Mapping[str, Path], dat
                       int8_engine: str = "auto", threads: int | None = None, max_batch: int = 64,
                       log=print) -> dict[str, TowerEngine]:
     """Each tower's reduced-precision engine, gated (see the module docstring).  New files go
-    beside the fp32 ONNX (``<tower>.int8.onnx``); a candidate not chosen leaves none."""
+    beside the fp32 ONNX (``<tower>.int8.onnx`` or ``<tower>.int8.xml/.bin``); a candidate not
+    chosen leaves none."""
     if precision not in ("bf16", "int8"):
         raise FilipError(f"build_cpu_engines builds bf16 or int8, not {precision!r}")
     if int8_engine not in INT8_ENGINES:
@@ -251,8 +265,9 @@ def build_cpu_engines(model, precision: str, onnx_paths: Mapping[str, Path], dat
 def _drop(c: Candidate) -> None:
     if c.runtime is not None:
         c.runtime.close()
-    if c.record.precision == "int8" and c.path.is_file():
-        c.path.unlink()
+    if c.record.precision == "int8":
+        c.path.unlink(missing_ok=True)
+        c.path.with_suffix(".bin").unlink(missing_ok=True) if c.path.suffix == ".xml" else None
 
 
 def _int8_candidates(tower, src: Path, spec, ref, data: GateInputs, int8_engine: str, threads, log) -> list[Candidate]:
@@ -284,10 +299,10 @@ def _int8_candidates(tower, src: Path, spec, ref, data: GateInputs, int8_engine:
         cands.append(Candidate(tower, TowerEngine("int8", "onnxruntime", dyn_path.name, "f32", {
             "quantization": {"method": "onnxruntime dynamic", "activations": "uint8, range per batch", **quant}}), dyn_path))
     if int8_engine == "openvino" or (int8_engine == "auto" and _openvino_and_nncf()):
-        static_path = src.with_name(f"{tower}.int8.static.onnx" if cands else f"{tower}.int8.onnx")
+        static_path = src.with_name(f"{tower}.int8.xml")
         quantize_static_nncf(src, static_path, fp32_nodes, data.calibration.tower(tower))
         cands.append(Candidate(tower, TowerEngine("int8", "openvino", static_path.name, "f32", {
-            "quantization": {"method": "nncf static (QDQ)", "activations": "int8, calibrated ranges",
+            "quantization": {"method": "nncf static (OpenVINO IR)", "activations": "int8, calibrated ranges",
                              "calibration_items": len(next(iter(data.calibration.tower(tower).values()))), **quant}}),
             static_path))
     log(f"      int8 {tower}: {quant['quantized']} of {len(nodes)} weight MatMuls int8"

@@ -4,7 +4,7 @@ Models (all Python backend, declared in :mod:`filip_contract.models`; each ``mod
 its class from :mod:`filip_engine.adapters`, thin wrappers over ``filip_engine.serving``):
 
 - ``filip_text``  : TEXT (UTF-8 bytes) -> TOKENS, LENGTHS, POOLED; tokenises on the server and
-                    runs the text tower (ONNX Runtime).
+                    runs the text tower (ONNX Runtime, or the CPU engine ``--precision`` chose).
 - ``filip_image`` : IMAGE (encoded JPEG/PNG/WebP/... bytes) or PIXEL_VALUES (preprocessed)
                     -> TOKENS, LENGTHS, POOLED; decodes + preprocesses on the server.
 - ``filip_score`` : IMAGE_TOKENS/LENGTHS + TEXT_TOKENS/LENGTHS -> S_I, S_T (+ ALIGNMENT).
