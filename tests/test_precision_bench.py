@@ -140,3 +140,17 @@ def test_precisions_argument():
     assert pb._precisions("fp32, int8,fp32") == ["fp32", "int8"]
     with pytest.raises(argparse.ArgumentTypeError):
         pb._precisions("fp16")
+
+
+def test_scenes_table_lists_each_precision_and_chance():
+    z = {"token": {"colour": 1.0, "shape": 0.58, "both": 0.58}, "global": {"colour": 1.0, "shape": 0.55, "both": 0.55},
+         "chance": {"colour": 1 / 6, "shape": 0.25, "both": 1 / 24}, "n": 300}
+    r = {"token": {"R@1": 0.074, "R@5": 0.335}, "global": {"R@1": 0.124, "R@5": 0.422},
+         "chance": {"R@1": 0.001, "R@5": 0.005}, "n": 1000}
+    tower = {"image": {}, "text": {}}
+    text = pb.scenes_table({"fp32": (z, r), "int8": (z, r)}, {"fp32": tower, "int8": tower})
+    rows = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    assert [ln.split("|")[1].strip() for ln in rows] == ["precision", "fp32", "int8", "chance"]
+    assert "| 1.000 / 1.000 | 0.580 / 0.550 |" in rows[1] and "0.074 / 0.124 | 0.335 / 0.422 |" in rows[1]
+    assert "0.167 | 0.250 | 0.042 | 0.001 | 0.005 |" in rows[3]
+    assert "over 300 held-out" in text and "over 1000 held-out" in text

@@ -55,6 +55,8 @@ MANIFEST = "filip_config.json"
 TRT_MODEL_DIRS = ("filip_image_trt", "filip_text_trt")
 SECTION = "precision-bench"
 HEADING = "## Reduced precision on the CPU (bf16, int8)"
+SCENES_SECTION = "precision-scenes"
+SCENES_HEADING = "## Reduced precision on the trained demo model (bf16, int8)"
 
 CAPTION_TEMPLATES = (
     "a photo of a {a} {n} in front of the {m}",
@@ -344,9 +346,30 @@ def machine_line(precisions: Sequence[str], rounds: int, window: float) -> str:
             f"median of {rounds} rounds of >= {window:g} s each, one request at a time.")
 
 
-def report_section(checkpoint: Path, machine: str, in_process: str, served: str) -> str:
+def scenes_table(scenes: Mapping[str, tuple[dict, dict]], manifests: Mapping[str, dict]) -> str:
+    """Zero-shot accuracy and text -> image recall of the trained demo model per precision,
+    token-wise / global, with chance levels (``tools.scene_eval``'s measures, served)."""
+    lines = ["| precision | engine (image / text) | zero-shot colour | zero-shot shape | zero-shot colour+shape "
+             "| R@1 | R@5 |", "|---|---|---|---|---|---|---|"]
+    chance = None
+    for p, (z, r) in scenes.items():
+        def pair(get):
+            return " / ".join(f"{get(s):.3f}" for s in ("token", "global"))
+        lines.append(f"| {p} | {engines_cell(manifests[p])} | {pair(lambda s: z[s]['colour'])} | "
+                     f"{pair(lambda s: z[s]['shape'])} | {pair(lambda s: z[s]['both'])} | "
+                     f"{pair(lambda s: r[s]['R@1'])} | {pair(lambda s: r[s]['R@5'])} |")
+        chance = (z["chance"], r["chance"], z["n"], r["n"])
+    zc, rc, zn, rn = chance
+    lines.append(f"| chance | | {zc['colour']:.3f} | {zc['shape']:.3f} | {zc['both']:.3f} | {rc['R@1']:.3f} | {rc['R@5']:.3f} |")
+    return ("\n".join(lines) + f"\n\nEach cell: token-wise (FILIP) / global (pooled cosine). Zero-shot over {zn} held-out "
+            f"one-object scenes (24 classes), retrieval over {rn} held-out scenes and their captions, all through each "
+            "precision's server (`tools.scene_eval`).")
+
+
+def report_section(checkpoint: Path, machine: str, in_process: str, served: str, scenes: str = "",
+                   heading: str | None = None) -> str:
     return "\n".join([
-        HEADING, "",
+        heading or HEADING, "",
         (f"`python -m tools.precision_bench --checkpoint {checkpoint.name}`: one repository per precision "
         "(`export/to_trt.py --precision`), all measured in the same run with their rounds interleaved. "
         "In-process: each tower's engine on preprocessed 640x480 photos and tokenised 8-12-word captions; "
@@ -356,6 +379,7 @@ def report_section(checkpoint: Path, machine: str, in_process: str, served: str)
         machine, "",
         "### In-process", "", in_process, "",
         "### Served (tritonserver, gRPC)", "", served, "",
+        *(["### What the trained model still knows, per precision", "", scenes, ""] if scenes else []),
     ])
 
 
@@ -396,7 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precisions", type=_precisions, default=list(PRECISIONS), help="default fp32,bf16,int8")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds per workload (default 5)")
     ap.add_argument("--window", type=float, default=1.0, help="seconds per precision per round, at least (default 1)")
-    ap.add_argument("--report", type=Path, help="write the tables as the 'precision-bench' section of this file")
+    ap.add_argument("--report", type=Path, help="write the tables as the 'precision-bench' section of this file "
+                    "('precision-scenes' with --scene-eval)")
+    ap.add_argument("--scene-eval", action="store_true",
+                    help="the checkpoint is the trained demo model (models/filip-scenes.pt): also its zero-shot accuracy "
+                         "and text -> image R@1 / R@5 on held-out scenes through each precision's server")
+    ap.add_argument("--n-retrieval", type=int, default=1000, help="--scene-eval: scenes in the retrieval test (default 1000)")
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.window <= 0:
         ap.error("--rounds must be >= 1 and --window > 0")
@@ -439,17 +468,29 @@ def main(argv: list[str] | None = None) -> int:
         print("served:", flush=True)
         remote = measure_workloads({p: served_calls(c, jpegs, texts) for p, c in clients.items()},
                                    args.rounds, args.window, log)
+        scenes = None
+        if args.scene_eval:
+            from tools.scene_eval import retrieval, zero_shot
+            scenes = {}
+            for p, c in clients.items():
+                t = time.perf_counter()
+                scenes[p] = (zero_shot(c), retrieval(c, n=args.n_retrieval))
+                log(f"  scenes {p}: evaluated in {time.perf_counter() - t:.0f} s")
 
     def rows(speeds):
         return [Row(p, engines_cell(manifests[p]), speeds[p], accuracy_of(manifests[p])) for p in precisions]
 
     in_table, served_table = table(rows(local), served=False), table(rows(remote), served=True)
-    print("\nIn-process\n\n" + in_table + "\n\nServed (tritonserver, gRPC)\n\n" + served_table + "\n\n" + machine)
+    scene_table = scenes_table(scenes, manifests) if scenes else ""
+    print("\nIn-process\n\n" + in_table + "\n\nServed (tritonserver, gRPC)\n\n" + served_table + "\n\n"
+          + (scene_table + "\n\n" if scene_table else "") + machine)
     if args.report:
         from tools.measure import write_section
+        section = SCENES_SECTION if scenes else SECTION
         args.report.parent.mkdir(parents=True, exist_ok=True)
-        write_section(args.report, report_section(args.checkpoint, machine, in_table, served_table), SECTION)
-        print(f"wrote the '{SECTION}' section of {args.report}")
+        write_section(args.report, report_section(args.checkpoint, machine, in_table, served_table, scene_table,
+                                                  heading=SCENES_HEADING if scenes else HEADING), section)
+        print(f"wrote the '{section}' section of {args.report}")
     return 0
 
 
