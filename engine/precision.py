@@ -110,5 +110,19 @@ def open_cpu_runtime(version_dir: str | Path, tower: str, spec, record: TowerEng
     return OnnxRuntime(path, spec, intra_op_threads=threads)
 
 
+def threads_per_instance(threads: int, instances: int, engine: str = "onnxruntime") -> int:
+    """Encoder threads of one served instance: ``threads`` when set; else for ONNX Runtime the
+    usable cores divided among the instances (at least one each: its thread pool spins while
+    it waits, so instances that oversubscribe the cores slow each other down), for OpenVINO
+    every usable core (its threads sleep when idle, and an instance that decodes images while
+    another computes keeps the cores busy).  docs/BENCHMARKS.md, "Served instances x encoder
+    threads", has the measurements."""
+    if threads > 0:
+        return threads
+    if engine == "openvino":
+        return default_threads()
+    return max(1, default_threads() // max(1, instances))
+
+
 def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

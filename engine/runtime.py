@@ -419,10 +419,13 @@ def open_tower_runtime(version_dir: str | Path, tower: str, spec: TowerSpec, par
     named by its ``trt_model`` config parameter when the repository was built with TensorRT,
     else the CPU engine its ``precision`` / ``engine`` / ``model_file`` parameters name
     (:func:`filip_engine.precision.open_cpu_runtime`; none: fp32 ONNX Runtime on
-    ``<version_dir>/<tower>.onnx``)."""
+    ``<version_dir>/<tower>.onnx``), with ``intra_op_threads`` threads, or with 0 as many as
+    :func:`filip_engine.precision.threads_per_instance` gives the engine for the model's
+    ``instance_count`` instances."""
     if params.get("trt_model"):
         return TritonModelRuntime(params["trt_model"], spec)
-    from .precision import PARAMS, TowerEngine, open_cpu_runtime
+    from .precision import PARAMS, TowerEngine, open_cpu_runtime, threads_per_instance
     record = TowerEngine.from_mapping({k: params[k] for k in PARAMS if params.get(k)})
-    return open_cpu_runtime(version_dir, tower, spec, record,
-                            threads=int(params.get("intra_op_threads", "0") or 0) or None)
+    threads = threads_per_instance(int(params.get("intra_op_threads", "0") or 0), int(params.get("instance_count", "1") or 1),
+                                   record.engine)
+    return open_cpu_runtime(version_dir, tower, spec, record, threads=threads)

@@ -239,6 +239,8 @@ def triton_context(args: dict) -> tuple[Path, dict[str, str]]:
     artifacts are) and the config's string parameters."""
     config = json.loads(args["model_config"])
     params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+    # how many instances share the machine's cores (their encoder threads are divided among them)
+    params.setdefault("instance_count", str(sum(int(g.get("count", 1)) for g in config.get("instance_group", [])) or 1))
     return Path(args["model_repository"]) / str(args["model_version"]), params
 
 

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the default) or gelu (OpenCLIP's LAION models); native checkpoints carry their own")
     p.add_argument("--instances", type=int, default=1,
                    help="Triton instances per encoder model (each a process with its own ONNX Runtime session; default 1)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="encoder threads per instance (ONNX Runtime intra-op / OpenVINO inference threads); 0 (default): "
+                        "ONNX Runtime: the usable cores divided among the instances; OpenVINO: every usable core")
     p.add_argument("--queue-delay-us", type=int, default=500,
                    help="dynamic batching: how long Triton waits to fill a batch, in microseconds (default 500)")
     p.add_argument("--max-queue-size", type=int, default=0,
@@ -112,8 +115,9 @@ def _run(args) -> int:
     limits = ServingLimits(**overrides)
     if args.max_queue_size < 0:
         raise FilipError(f"--max-queue-size must be 0 (no queue policy) or positive, got {args.max_queue_size}")
-    if args.instances < 1 or args.queue_delay_us < 0:
-        raise FilipError(f"--instances must be >= 1 and --queue-delay-us >= 0, got {args.instances} and {args.queue_delay_us}")
+    if args.instances < 1 or args.queue_delay_us < 0 or args.threads < 0:
+        raise FilipError(f"--instances must be >= 1, --queue-delay-us and --threads >= 0, got {args.instances}, "
+                         f"{args.queue_delay_us} and {args.threads}")
     cpu_precision = args.precision in ("bf16", "int8")
     if not cpu_precision and (args.calibration_images or args.calibration_texts):
         raise FilipError("--calibration-images / --calibration-texts apply to --precision bf16 or int8 only")
@@ -209,7 +213,7 @@ def _write(args, ckpt, tok, source, limits, use_trt, trt_why, staged: StagedRepo
     else:
         print(f"      TensorRT engines: skipped ({trt_why or '--runtime onnxruntime'}); ONNX Runtime serves the encoders")
     settings = RepoSettings(max_batch=args.max_batch, queue_delay_us=args.queue_delay_us,
-                            text_instances=args.instances, image_instances=args.instances,
+                            text_instances=args.instances, image_instances=args.instances, intra_op_threads=args.threads,
                             max_queue_size=args.max_queue_size, limits=limits)
     models = write_repository(work, cfg, logit_scale=ckpt.model.similarity_scale(), default_scoring=ckpt.default_scoring,
                               settings=settings, tensorrt=tensorrt, engines=engines)

@@ -44,7 +44,7 @@ class RepoSettings:
     text_instances: int = 1              # model instances (each its own process and ONNX Runtime session)
     image_instances: int = 1
     score_instances: int = 1
-    intra_op_threads: int = 0            # ONNX Runtime threads per instance; 0 = all cores
+    intra_op_threads: int = 0            # encoder threads per instance; 0: precision.threads_per_instance
     # Overload.  By default the encoders' queues have no policy: the callers' deadlines bound
     # the work (Triton drops a queued request whose gRPC call was cancelled or timed out,
     # without running it).  max_queue_size > 0 adds Triton's queue policy: a request finding

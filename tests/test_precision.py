@@ -250,3 +250,26 @@ def test_the_trained_model_keeps_what_it_learned_at_each_precision(tmp_path):
             for k in ("R@1", "R@5"):
                 assert abs(r[scoring][k] - r32[scoring][k]) <= 0.03, (precision, scoring, k, r, r32)
     print(json.dumps({p: {"zero_shot": z, "retrieval": r} for p, (z, r) in results.items()}, indent=1))
+
+
+def test_threads_per_instance_never_oversubscribes_onnx_runtime(monkeypatch):
+    monkeypatch.setattr(P, "default_threads", lambda: 8)
+    assert P.threads_per_instance(0, 1) == 8 and P.threads_per_instance(0, 2) == 4 and P.threads_per_instance(0, 16) == 1
+    assert P.threads_per_instance(0, 2, "openvino") == 8        # OpenVINO's idle threads sleep
+    assert P.threads_per_instance(3, 2) == 3 and P.threads_per_instance(3, 2, "openvino") == 3
+
+
+def test_served_instances_divide_the_cores(monkeypatch):
+    """What a served encoder opens: the instance count from its config, the engine from its parameters."""
+    import filip_engine.runtime as R
+    from filip_engine.serving import triton_context
+    seen = {}
+    monkeypatch.setattr(P, "default_threads", lambda: 8)
+    monkeypatch.setattr(P, "open_cpu_runtime", lambda d, t, s, rec, threads: seen.setdefault(rec.engine, threads))
+    for engine in ("onnxruntime", "openvino"):
+        config = {"parameters": {"intra_op_threads": {"string_value": "0"}, "engine": {"string_value": engine}},
+                  "instance_group": [{"count": 2, "kind": "KIND_CPU"}]}
+        _, params = triton_context({"model_config": json.dumps(config), "model_repository": "/r", "model_version": "1"})
+        assert params["instance_count"] == "2"
+        R.open_tower_runtime("/r/1", "image", None, params)
+    assert seen == {"onnxruntime": 4, "openvino": 8}

@@ -154,3 +154,21 @@ def test_scenes_table_lists_each_precision_and_chance():
     assert "| 1.000 / 1.000 | 0.580 / 0.550 |" in rows[1] and "0.074 / 0.124 | 0.335 / 0.422 |" in rows[1]
     assert "0.167 | 0.250 | 0.042 | 0.001 | 0.005 |" in rows[3]
     assert "over 300 held-out" in text and "over 1000 held-out" in text
+
+
+def test_instances_bench_rewrites_only_the_encoders_layout():
+    from filip_engine.config import PRESETS
+    from filip_export.triton_repo import RepoSettings, config_text, model_configs, parse_config
+    from tools.instances_bench import layouts, with_layout
+
+    assert layouts(2) == {"1 x 2": (1, 2), "2 x 1": (2, 1), "2 x 2 (oversubscribed)": (2, 2)}
+    configs = model_configs(PRESETS["tiny"], RepoSettings(), logit_scale=10.0)
+    for name in ("filip_image", "filip_text"):
+        original = parse_config(config_text(configs[name]))
+        changed = parse_config(with_layout(config_text(configs[name]), 3, 1))
+        assert changed.instance_group[0].count == 3 and changed.parameters["intra_op_threads"].string_value == "1"
+        changed.instance_group[0].count = original.instance_group[0].count
+        changed.parameters["intra_op_threads"].string_value = original.parameters["intra_op_threads"].string_value
+        assert changed == original
+    with pytest.raises(ValueError):
+        with_layout(config_text(configs["filip_score"]), 2, 1)

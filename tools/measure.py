@@ -28,7 +28,7 @@ def memcpy_bandwidth(nbytes: int = 512 * 2**20) -> float:
     return nbytes / t          # bytes copied per second (each byte read once and written once)
 
 
-SECTIONS = ("search-bench", "scene-eval", "precision-bench", "precision-scenes")   # delimited sections of docs/BENCHMARKS.md other tools own
+SECTIONS = ("search-bench", "scene-eval", "precision-bench", "precision-scenes", "instances-bench")   # delimited sections of docs/BENCHMARKS.md other tools own
 
 
 def _markers(name: str) -> tuple[str, str]:
