@@ -113,19 +113,23 @@ def _speeds(*rates):
 
 
 def test_tables_from_given_numbers():
-    rows = [pb.Row("fp32", pb.engines_cell(FP32), _speeds(100, 200, 400), pb.accuracy_of(FP32)),
-            pb.Row("bf16", pb.engines_cell(BF16), _speeds(150, 500, 400), pb.accuracy_of(BF16)),
-            pb.Row("int8", pb.engines_cell(INT8), _speeds(50, 300, float("nan")), pb.accuracy_of(INT8))]
+    rows = [pb.Row("fp32", pb.engines_cell(FP32), _speeds(100, 200, 40, 400), pb.accuracy_of(FP32)),
+            pb.Row("bf16", pb.engines_cell(BF16), _speeds(150, 500, 60, 400), pb.accuracy_of(BF16)),
+            pb.Row("int8", pb.engines_cell(INT8), _speeds(50, 300, 20, float("nan")), pb.accuracy_of(INT8))]
     lines = pb.table(rows, served=False).splitlines()
-    assert lines[0].startswith("| precision | engine (image / text) | image b1 items/s (x fp32) |")
-    assert len(lines) == 5 and all(ln.count("|") == 8 for ln in lines)
-    assert lines[2] == f"| fp32 | onnxruntime fp32 | 100.0 (1.00x) | 200.0 (1.00x) | 400.0 (1.00x) | {pb.FP32_EXACT} | 1.0 / 1.0 (exact) |"
-    assert lines[3] == "| bf16 | openvino bf16 | 150.0 (1.50x) | 500.0 (2.50x) | 400.0 (1.00x) | 0.99962 / 0.99962 | 1.000 / 1.000 |"
-    assert "| 50.0 (0.50x) | 300.0 (1.50x) | n/a | 0.99910 / 0.99950 | 0.970 / 0.990 |" in lines[4]
+    assert lines[0].startswith("| precision | engine (image / text) | image b1 items/s (x fp32) | image b8 items/s "
+                               "(x fp32) | text b1 items/s (x fp32) | text b8 items/s (x fp32) |")
+    assert len(lines) == 5 and all(ln.count("|") == 9 for ln in lines)
+    assert lines[2] == (f"| fp32 | onnxruntime fp32 | 100.0 (1.00x) | 200.0 (1.00x) | 40.0 (1.00x) | 400.0 (1.00x) | "
+                        f"{pb.FP32_EXACT} | 1.0 / 1.0 (exact) |")
+    assert lines[3] == ("| bf16 | openvino bf16 | 150.0 (1.50x) | 500.0 (2.50x) | 60.0 (1.50x) | 400.0 (1.00x) | "
+                        "0.99962 / 0.99962 | 1.000 / 1.000 |")
+    assert "| 50.0 (0.50x) | 300.0 (1.50x) | 20.0 (0.50x) | n/a | 0.99910 / 0.99950 | 0.970 / 0.990 |" in lines[4]
     served = pb.table(rows, served=True).splitlines()
-    assert "image b1 p50 / p99 ms" in served[0] and "| 200.00 / 300.00 |" in served[2]
+    assert "image b1 p50 / p99 ms | text b1 p50 / p99 ms" in served[0]
+    assert "| 200.00 / 300.00 | 80.00 / 120.00 |" in served[2]
     # no fp32 row: rates without speed-ups
-    assert "| 150.0 | 500.0 | 400.0 |" in pb.table(rows[1:], served=False)
+    assert "| 150.0 | 500.0 | 60.0 | 400.0 |" in pb.table(rows[1:], served=False)
 
 
 def test_report_section_is_kept_by_the_benchmark_report(tmp_path):

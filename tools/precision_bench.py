@@ -47,8 +47,8 @@ from filip_export.calibration import ADJECTIVES, NOUNS
 PRECISIONS = ("fp32", "bf16", "int8")
 BASELINE = "fp32"
 # (name, tower, items per request), in table order
-WORKLOADS = (("image b1", "image", 1), ("image b8", "image", 8), ("text b8", "text", 8))
-LATENCY_WORKLOAD = "image b1"      # the served table's p50 / p99 column
+WORKLOADS = (("image b1", "image", 1), ("image b8", "image", 8), ("text b1", "text", 1), ("text b8", "text", 8))
+LATENCY_WORKLOADS = ("image b1", "text b1")      # the served table's p50 / p99 columns
 FP32_EXACT = "exact (fp32 gate cos >= 0.99999)"
 TOWER_DIRS = {"image": "filip_image/1", "text": "filip_text/1"}
 MANIFEST = "filip_config.json"
@@ -189,8 +189,10 @@ def measure(calls: Mapping[str, Callable[[int], int]], rounds: int, window: floa
 def in_process_calls(pipe, pixels: np.ndarray, texts: Sequence[str]) -> dict[str, Callable[[int], int]]:
     """Workload -> one request straight on the pipeline's tower engines: preprocessed pixels,
     captions tokenised (padded to the batch's longest, as served) once up front."""
-    batches = [pipe.tokenizer(list(texts[a:a + 8]), pad_to="longest") for a in range(0, len(texts) - 7, 8)]
-    feeds = [{"input_ids": b.ids.astype(np.int64), "lengths": b.lengths.astype(np.int64)} for b in batches]
+    def feeds_of(b):
+        batches = [pipe.tokenizer(list(texts[a:a + b]), pad_to="longest") for a in range(0, len(texts) - b + 1, b)]
+        return [{"input_ids": t.ids.astype(np.int64), "lengths": t.lengths.astype(np.int64)} for t in batches]
+
     n = len(pixels)
 
     def image(b):
@@ -200,11 +202,15 @@ def in_process_calls(pipe, pixels: np.ndarray, texts: Sequence[str]) -> dict[str
             return b
         return call
 
-    def text(i):
-        pipe.text_runtime.infer(feeds[i % len(feeds)])
-        return 8
+    def text(b):
+        feeds = feeds_of(b)
 
-    return {"image b1": image(1), "image b8": image(8), "text b8": text}
+        def call(i):
+            pipe.text_runtime.infer(feeds[i % len(feeds)])
+            return b
+        return call
+
+    return {"image b1": image(1), "image b8": image(8), "text b1": text(1), "text b8": text(8)}
 
 
 def served_calls(client, jpegs: Sequence[bytes], texts: Sequence[str]) -> dict[str, Callable[[int], int]]:
@@ -215,11 +221,13 @@ def served_calls(client, jpegs: Sequence[bytes], texts: Sequence[str]) -> dict[s
             return b
         return call
 
-    def text(i):
-        client.embed_texts([texts[(i * 8 + k) % len(texts)] for k in range(8)], batch_size=8)
-        return 8
+    def text(b):
+        def call(i):
+            client.embed_texts([texts[(i * b + k) % len(texts)] for k in range(b)], batch_size=b)
+            return b
+        return call
 
-    return {"image b1": image(1), "image b8": image(8), "text b8": text}
+    return {"image b1": image(1), "image b8": image(8), "text b1": text(1), "text b8": text(8)}
 
 
 def measure_workloads(calls: Mapping[str, Mapping[str, Callable[[int], int]]], rounds: int, window: float,
@@ -319,15 +327,16 @@ def table(rows: Sequence[Row], *, served: bool) -> str:
     base = next((r for r in rows if r.precision == BASELINE), None)
     head = ["precision", "engine (image / text)"] + [f"{w} items/s (x fp32)" for w, _, _ in WORKLOADS]
     if served:
-        head.append(f"{LATENCY_WORKLOAD} p50 / p99 ms")
+        head += [f"{w} p50 / p99 ms" for w in LATENCY_WORKLOADS]
     head += ["min token cos image / text", "top-10 s_T / global"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.precision, r.engines]
         cells += [_rate_cell(r.speeds.get(w), base.speeds.get(w) if base else None) for w, _, _ in WORKLOADS]
         if served:
-            s = r.speeds.get(LATENCY_WORKLOAD)
-            cells.append(f"{_num(s.p50_ms, 2)} / {_num(s.p99_ms, 2)}" if s else "n/a")
+            for w in LATENCY_WORKLOADS:
+                s = r.speeds.get(w)
+                cells.append(f"{_num(s.p50_ms, 2)} / {_num(s.p99_ms, 2)}" if s else "n/a")
         cells += list(accuracy_cells(r.accuracy))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
