@@ -118,8 +118,10 @@ def gate_inputs(transform, tokenizer, *, images: Path | None = None, texts: Path
     if images is not None:
         image_splits = _split(_own_images(Path(images)), rng)
     else:   # each split from its own seed stream: disjoint and stable when a count changes
-        image_splits = {k: [drawn_image(np.random.default_rng([seed, 1, i]), size) for _ in range(DRAWN[k])]
-                        for i, k in enumerate(SPLITS)}
+        image_splits = {}
+        for i, k in enumerate(SPLITS):
+            r = np.random.default_rng([seed, 1, i])
+            image_splits[k] = [drawn_image(r, size) for _ in range(DRAWN[k])]
     if texts is not None:
         text_splits = _split(_own_texts(Path(texts)), rng)
     else:

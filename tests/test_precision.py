@@ -273,3 +273,20 @@ def test_served_instances_divide_the_cores(monkeypatch):
         assert params["instance_count"] == "2"
         R.open_tower_runtime("/r/1", "image", None, params)
     assert seen == {"onnxruntime": 4, "openvino": 8}
+
+
+def test_gate_inputs_are_distinct_disjoint_and_reproducible(tiny_checkpoint):
+    from filip_engine.pipeline import checkpoint_transform, load_tokenizer
+    from filip_export.calibration import gate_inputs
+    ck = load_checkpoint(tiny_checkpoint)
+    tok, _ = load_tokenizer(ck.config, embedded=ck.vocab_text)
+    a, b = (gate_inputs(checkpoint_transform(ck), tok, seed=0) for _ in range(2))
+    splits = (a.calibration, a.validation, a.held_out)
+    for split in splits:
+        images = {x.tobytes() for x in split.pixel_values}
+        texts = {r[:n].tobytes() for r, n in zip(split.input_ids, split.lengths)}
+        assert len(images) == len(split.pixel_values) and len(texts) >= 0.8 * len(split.input_ids)   # no copies
+    seen = [{x.tobytes() for x in s.pixel_values} for s in splits]
+    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+    assert np.array_equal(a.held_out.pixel_values, b.held_out.pixel_values)
+    assert np.array_equal(a.held_out.input_ids, b.held_out.input_ids)
