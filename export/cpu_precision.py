@@ -13,7 +13,8 @@ its size; the export then leaves no repository.
   - ``onnxruntime``: ONNX Runtime's dynamic quantisation of every weight MatMul (int8
     weights per output channel, uint8 activations with a range per batch);
   - ``openvino``: NNCF's static post-training quantisation of the OpenVINO model (activation
-    ranges from the calibration split), saved as OpenVINO IR (``<tower>.int8.xml`` + ``.bin``).
+    ranges from the calibration split), with and without its SmoothQuant step, the better on
+    the validation split kept, saved as OpenVINO IR (``<tower>.int8.xml`` + ``.bin``).
 
   A layer that costs too much accuracy stays fp32: when the fully quantised tower misses the
   validation target, each weight MatMul is measured alone (only it quantised) and the most
@@ -115,11 +116,14 @@ def quantize_dynamic_onnx(src: Path, dst: Path, fp32_nodes: Sequence[str]) -> No
                          op_types_to_quantize=["MatMul"], nodes_to_exclude=list(fp32_nodes))
 
 
-def quantize_static_nncf(src: Path, dst: Path, fp32_nodes: Sequence[str], calibration: dict[str, np.ndarray]) -> None:
+def quantize_static_nncf(src: Path, dst: Path, fp32_nodes: Sequence[str], calibration: dict[str, np.ndarray], *,
+                         smooth_quant: bool = True) -> None:
     """NNCF's post-training quantisation of the OpenVINO model read from ``src`` (activation
-    ranges from ``calibration``, transformer preset), saved as OpenVINO IR (``dst`` .xml +
-    .bin).  ``fp32_nodes`` are ONNX node names; they are found in the OpenVINO model by the
-    tensor names their outputs carry through the conversion."""
+    ranges from ``calibration``, transformer preset; ``smooth_quant=False`` turns off its
+    SmoothQuant step, which moves activation outliers into the weights and costs accuracy
+    where there are none), saved as OpenVINO IR (``dst`` .xml + .bin).  ``fp32_nodes`` are
+    ONNX node names; they are found in the OpenVINO model by the tensor names their outputs
+    carry through the conversion."""
     try:
         import nncf
         import openvino as ov
@@ -136,9 +140,11 @@ def quantize_static_nncf(src: Path, dst: Path, fp32_nodes: Sequence[str], calibr
     items = list(chunks(calibration, TIMING_BATCH))
     # NNCF draws progress bars on the terminal: kept out of the export's report
     with _quiet(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        extra = {} if smooth_quant else {"advanced_parameters": nncf.AdvancedQuantizationParameters(
+            smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=-1))}
         q = nncf.quantize(model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER,
                           subset_size=sum(len(next(iter(i.values()))) for i in items),
-                          ignored_scope=nncf.IgnoredScope(names=ignored) if ignored else None)
+                          ignored_scope=nncf.IgnoredScope(names=ignored) if ignored else None, **extra)
     ov.save_model(q, str(dst), compress_to_fp16=False)
 
 
@@ -299,10 +305,26 @@ def _int8_candidates(tower, src: Path, spec, ref, data: GateInputs, int8_engine:
         cands.append(Candidate(tower, TowerEngine("int8", "onnxruntime", dyn_path.name, "f32", {
             "quantization": {"method": "onnxruntime dynamic", "activations": "uint8, range per batch", **quant}}), dyn_path))
     if int8_engine == "openvino" or (int8_engine == "auto" and _openvino_and_nncf()):
+        # with and without SmoothQuant; the validation split picks one, the gate then judges it
         static_path = src.with_name(f"{tower}.int8.xml")
-        quantize_static_nncf(src, static_path, fp32_nodes, data.calibration.tower(tower))
+        tried = {}
+        for sq in (True, False):
+            path = src.with_name(f".{tower}.int8.{'sq' if sq else 'nosq'}.xml")
+            quantize_static_nncf(src, path, fp32_nodes, data.calibration.tower(tower), smooth_quant=sq)
+            tried[sq] = (validate(OpenVinoRuntime(path, spec, threads=threads)), path)
+        sq = max(tried, key=lambda k: tried[k][0])
+        for k, (_, path) in tried.items():
+            if k == sq:
+                path.rename(static_path)
+                path.with_suffix(".bin").rename(static_path.with_suffix(".bin"))
+            else:
+                path.unlink()
+                path.with_suffix(".bin").unlink()
+        log(f"      int8 {tower} (nncf static): validation min cos {tried[True][0]:.5f} with SmoothQuant, "
+            f"{tried[False][0]:.5f} without; kept the {'first' if sq else 'second'}")
         cands.append(Candidate(tower, TowerEngine("int8", "openvino", static_path.name, "f32", {
             "quantization": {"method": "nncf static (OpenVINO IR)", "activations": "int8, calibrated ranges",
+                             "smooth_quant": sq, "validation_min_cosine_static": round(tried[sq][0], 6),
                              "calibration_items": len(next(iter(data.calibration.tower(tower).values()))), **quant}}),
             static_path))
     log(f"      int8 {tower}: {quant['quantized']} of {len(nodes)} weight MatMuls int8"
