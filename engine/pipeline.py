@@ -33,7 +33,7 @@ from .interaction import DEFAULT_TEMPLATES, alignment_map, build_prompts, late_i
 from .io_spec import tower_spec
 from .preprocess import ImageInput, ImageTransform
 from .precision import open_cpu_runtime
-from .runtime import OnnxRuntime, Runtime, TorchRuntime
+from .runtime import Runtime, TorchRuntime
 from .tokenizer import ClipTokenizer, find_clip_merges_file
 
 

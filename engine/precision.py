@@ -99,7 +99,9 @@ def cpu_model() -> str:
 
 
 def open_cpu_runtime(version_dir: str | Path, tower: str, spec, record: TowerEngine, *, threads: int | None = None):
-    """The runtime serving ``tower`` from its version folder as ``record`` says."""
+    """The runtime serving ``tower`` from its version folder as ``record`` says.  A
+    reduced-precision ONNX Runtime model runs on the CPU provider, as it was gated (fp32 keeps
+    ONNX Runtime's default providers)."""
     from .runtime import OnnxRuntime, OpenVinoRuntime
     path = Path(version_dir) / record.file_for(tower)
     if not path.is_file():
@@ -107,7 +109,8 @@ def open_cpu_runtime(version_dir: str | Path, tower: str, spec, record: TowerEng
                           "names a file that is not there; re-export the repository")
     if record.engine == "openvino":
         return OpenVinoRuntime(path, spec, inference_precision=record.inference_precision, threads=threads)
-    return OnnxRuntime(path, spec, intra_op_threads=threads)
+    providers = None if record.precision == "fp32" else ["CPUExecutionProvider"]
+    return OnnxRuntime(path, spec, providers=providers, intra_op_threads=threads)
 
 
 def threads_per_instance(threads: int, instances: int, engine: str = "onnxruntime") -> int:

@@ -124,15 +124,14 @@ class OpenVinoRuntime(Runtime):
 
     def __init__(self, path: str | Path, spec: TowerSpec, *, inference_precision: str = "f32",
                  threads: int | None = None):
+        from .precision import INSTALL_HINT, default_threads
         try:
             import openvino as ov
         except ImportError as e:
-            raise ExportError(f"OpenVINO is not installed ({e}); it serves {path}: "
-                              "pip install 'filip-engine[cpu]'") from e
+            raise ExportError(f"OpenVINO is not installed ({e}); it serves {path}: {INSTALL_HINT}") from e
         path = Path(path)
         if not path.is_file():
             raise ExportError(f"model not found: {path}")
-        from .precision import default_threads
         props = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY",
                  "NUM_STREAMS": 1, "INFERENCE_NUM_THREADS": int(threads or default_threads())}
         try:

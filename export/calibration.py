@@ -110,25 +110,24 @@ def _split(items: list, rng: np.random.Generator) -> dict[str, list]:
     return {k: [items[i] for i in v] for k, v in cut.items()}
 
 
+def _drawn(draw, seed: int, stream: int) -> dict[str, list]:
+    """DRAWN[k] items per split, each split from one random stream of its own (disjoint, and
+    stable when another split's count changes)."""
+    out = {}
+    for i, k in enumerate(SPLITS):
+        rng = np.random.default_rng([seed, stream, i])
+        out[k] = [draw(rng) for _ in range(DRAWN[k])]
+    return out
+
+
 def gate_inputs(transform, tokenizer, *, images: Path | None = None, texts: Path | None = None,
                 seed: int = 0) -> GateInputs:
     """The three splits for one export (see the module docstring)."""
     size = transform.image_size
     rng = np.random.default_rng(seed)
-    if images is not None:
-        image_splits = _split(_own_images(Path(images)), rng)
-    else:   # each split from its own seed stream: disjoint and stable when a count changes
-        image_splits = {}
-        for i, k in enumerate(SPLITS):
-            r = np.random.default_rng([seed, 1, i])
-            image_splits[k] = [drawn_image(r, size) for _ in range(DRAWN[k])]
-    if texts is not None:
-        text_splits = _split(_own_texts(Path(texts)), rng)
-    else:
-        text_splits = {}
-        for i, k in enumerate(SPLITS):
-            r = np.random.default_rng([seed, 2, i])
-            text_splits[k] = [drawn_caption(r) for _ in range(DRAWN[k])]
+    image_splits = (_split(_own_images(Path(images)), rng) if images is not None
+                    else _drawn(lambda r: drawn_image(r, size), seed, 1))
+    text_splits = _split(_own_texts(Path(texts)), rng) if texts is not None else _drawn(drawn_caption, seed, 2)
     out = {}
     for k in SPLITS:
         try:

@@ -41,10 +41,10 @@ import numpy as np
 import onnx
 
 from filip_engine.compare import CompareResult, compare_outputs
-from filip_engine.errors import FilipError, ValidationError
+from filip_engine.errors import FilipError
 from filip_engine.interaction import late_interaction
 from filip_engine.io_spec import Tolerance, tower_spec
-from filip_engine.precision import INSTALL_HINT, TowerEngine, check_cpu_supports
+from filip_engine.precision import INSTALL_HINT, TowerEngine, check_cpu_supports, open_cpu_runtime
 from filip_engine.runtime import OnnxRuntime, OpenVinoRuntime, TorchRuntime
 from filip_export.calibration import GateInputs, chunks, run_all
 from filip_export.trt import MIN_TOPK_AGREEMENT, RANKING_K, TRT_FP16_TOLERANCE, RankingResult, raise_if_gates_failed, topk_agreement
@@ -67,17 +67,12 @@ class Candidate:
     path: Path
     runtime: object = None
     result: CompareResult | None = None
+    held_out: dict | None = None          # its outputs on the held-out split
     items_per_s: float = 0.0
 
     @property
     def label(self) -> str:
         return f"{self.record.precision} {self.tower} ({self.record.engine})"
-
-
-def _open(c: Candidate, spec, threads):
-    if c.record.engine == "openvino":
-        return OpenVinoRuntime(c.path, spec, inference_precision=c.record.inference_precision, threads=threads)
-    return OnnxRuntime(c.path, spec, providers=["CPUExecutionProvider"], intra_op_threads=threads)
 
 
 @contextlib.contextmanager
@@ -224,9 +219,9 @@ def build_cpu_engines(model, precision: str, onnx_paths: Mapping[str, Path], dat
             cands = _int8_candidates(tower, src, specs[tower], refs[tower], data, int8_engine, threads, log)
         for c in cands:
             if c.runtime is None:
-                c.runtime = _open(c, specs[tower], threads)
-            c.result = compare_outputs(held_ref[tower], run_all(c.runtime, data.held_out.tower(tower)), GATE_TOLERANCE,
-                                       f"{c.label} vs PyTorch fp32, held-out")
+                c.runtime = open_cpu_runtime(c.path.parent, tower, specs[tower], c.record, threads=threads)
+            c.held_out = run_all(c.runtime, data.held_out.tower(tower))
+            c.result = compare_outputs(held_ref[tower], c.held_out, GATE_TOLERANCE, f"{c.label} vs PyTorch fp32, held-out")
             log("  " + c.result.summary().replace("\n", "\n  "))
         speeds = _time([c.runtime for c in cands], data.held_out.tower(tower))
         for c, s in zip(cands, speeds):
@@ -245,7 +240,7 @@ def build_cpu_engines(model, precision: str, onnx_paths: Mapping[str, Path], dat
                                                     + ("" if c.result.passed else " failed its gate") for c in cands) + ")"
             if len(cands) > 1 else f" ({best.items_per_s:.1f} items/s at batch {TIMING_BATCH})")
             + f" in {time.perf_counter() - t0:.1f} s")
-    rankings = _rankings(chosen, refs, data, held_ref)
+    rankings = _rankings(chosen, model.config, data, held_ref)
     for r in rankings:
         log("  " + r.line())
     try:
@@ -341,11 +336,10 @@ def _openvino_and_nncf() -> bool:
     return True
 
 
-def _rankings(chosen: Mapping[str, Candidate], refs, data: GateInputs, held_ref) -> list[RankingResult]:
+def _rankings(chosen: Mapping[str, Candidate], cfg, data: GateInputs, held_ref) -> list[RankingResult]:
     """Top-10 agreement of s_T and of the global cosine (images per text query), held out."""
-    cfg = refs["image"].model.config
     txt = data.held_out.tower("text")
-    cand = {t: run_all(chosen[t].runtime, data.held_out.tower(t)) for t in TOWERS}
+    cand = {t: chosen[t].held_out for t in TOWERS}
     il = np.full(len(cand["image"]["tokens"]), cfg.vision.num_patches, np.int64)
     s_ref = late_interaction(held_ref["image"]["tokens"], il, held_ref["text"]["tokens"], txt["lengths"]).s_t
     s_c = late_interaction(cand["image"]["tokens"], il, cand["text"]["tokens"], txt["lengths"]).s_t

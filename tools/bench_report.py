@@ -30,8 +30,8 @@ def machine() -> list[str]:
     import onnxruntime
     import torch
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
+    from filip_engine.precision import cpu_model
+    cpu = cpu_model()
     mem = next((ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines() if ln.startswith("MemTotal")), "0")
     return [f"- CPU: {cpu}, {os.cpu_count()} cores; memory {int(mem) / 2**20:.1f} GiB; {platform.platform()}",
             f"- Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
